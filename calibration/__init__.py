@@ -1,0 +1,1 @@
+"""Streaming statistics collectors and range calibrators (used by the quantize pass)."""
