@@ -1,0 +1,36 @@
+"""What a pass may use besides the model: data, where to run, a seed, a scratch folder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from graphopt.data import Dataset
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+@dataclass
+class Context:
+    """Shared inputs of a pipeline run, handed to every pass.
+
+    Attributes:
+        calib_data: calibration data (statistics, importance scores), if given.
+        val_data: labelled or unlabelled validation data, if given.
+        device: where ONNX Runtime runs ("auto" picks CUDA when it really works).
+        threads: ORT intra-op threads, None for ORT's default.
+        batch_size: samples per ORT run when streaming data.
+        seed: seed for anything random a pass does.
+        workdir: a scratch folder that lives as long as the run.
+    """
+
+    workdir: Path
+    calib_data: Dataset | None = None
+    val_data: Dataset | None = None
+    device: Device = "auto"
+    threads: int | None = None
+    batch_size: int = 32
+    seed: int = 0
+    extras: dict[str, object] = field(default_factory=dict)
