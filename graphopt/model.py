@@ -25,9 +25,22 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
+from google.protobuf import json_format, text_format
 from google.protobuf.message import DecodeError
 
 from graphopt.errors import ModelLoadError, ModelSaveError
+
+# What onnx.load raises on a file that does not parse, in any of the formats it reads
+# (binary protobuf, text proto, JSON, ONNX text).
+_PARSE_ERRORS = (
+    DecodeError,
+    json_format.ParseError,
+    text_format.ParseError,
+    onnx.parser.ParseError,
+    RuntimeError,
+    ValueError,
+    OSError,
+)
 
 # Protobuf cannot serialise a message of 2 GiB or more; stay clear of it with a margin.
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
@@ -151,7 +164,7 @@ def load_model(path: str | os.PathLike[str]) -> Model:
         raise ModelLoadError(f"'{path}' is not a file.", hint="Pass the path of an .onnx file.")
     try:
         proto = onnx.load(os.fspath(path), load_external_data=False)
-    except (DecodeError, RuntimeError, ValueError, OSError) as exc:
+    except _PARSE_ERRORS as exc:
         raise ModelLoadError(
             f"'{path}' is not a readable ONNX model ({_first_line(exc)}).",
             hint="The file may be corrupt or truncated; export the model again.",
@@ -251,6 +264,8 @@ def _check_tensor(tensor: onnx.TensorProto, where: str, base_dir: Path, path: Pa
                 f"({declared} bytes) but holds {len(tensor.raw_data)} bytes.",
                 hint="The model is malformed or truncated; export it again.",
             )
+        if not tensor.HasField("raw_data"):
+            _check_typed_data(tensor, where, path)
         return
     info = {entry.key: entry.value for entry in tensor.external_data}
     location = info.get("location", "")
@@ -287,6 +302,34 @@ def _check_tensor(tensor: onnx.TensorProto, where: str, base_dir: Path, path: Pa
             )
 
 
+def _check_typed_data(tensor: onnx.TensorProto, where: str, path: Path) -> None:
+    """Refuse inline values stored in a typed field (float_data, ...) that do not fill the
+    declared shape: a tensor declaring [2**40] floats with one value must fail here, not
+    later with a 4 TiB allocation inside a pass."""
+    try:
+        field_name = onnx.helper.tensor_dtype_to_field(tensor.data_type)
+    except (KeyError, ValueError):
+        return
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    if tensor.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128):
+        expected = 2 * count
+    elif tensor.data_type == onnx.TensorProto.STRING:
+        expected = count
+    else:
+        # Sub-byte types (int4, float4, ...) pack several values into each entry.
+        bits = ir.DataType(tensor.data_type).bitwidth
+        expected = count if bits >= 8 else (count * bits + 7) // 8
+    stored = len(getattr(tensor, field_name))
+    if stored != expected:
+        raise ModelLoadError(
+            f"{where} in '{path}' declares shape {list(tensor.dims)} ({count} values) "
+            f"but holds {stored} entries in {field_name}.",
+            hint="The model is malformed or truncated; export it again.",
+        )
+
+
 def _contained_data_file(location: str, where: str, base_dir: Path, path: Path) -> Path:
     """Resolve an external-data location, refusing anything that leaves the model's folder."""
     refuse_hint = (
@@ -295,6 +338,12 @@ def _contained_data_file(location: str, where: str, base_dir: Path, path: Path) 
     )
     if not location:
         raise ModelLoadError(f"{where} in '{path}' is external but names no data file.")
+    if "\0" in location:
+        raise ModelLoadError(
+            f"{where} in '{path}' names an external data file with a NUL character "
+            f"({location!r}).",
+            hint=refuse_hint,
+        )
     candidate = Path(location)
     if candidate.is_absolute() or location.startswith(("/", "\\")) or ":" in location[:3]:
         raise ModelLoadError(
@@ -458,3 +507,10 @@ def _inline_external_tensors(proto: onnx.ModelProto, model: ir.Model) -> None:
                     fix(g)
 
     fix(proto.graph)
+
+
+def model_file_bytes(model: Model) -> int | None:
+    """Bytes on disk of the files the model was loaded from (.onnx plus external data)."""
+    if model.path is None:
+        return None
+    return sum(path.stat().st_size for path in _model_files(model))

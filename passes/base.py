@@ -9,6 +9,7 @@ validated (type, choices, range) when a recipe is read, before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import types
 import typing
 from collections.abc import Mapping
@@ -68,6 +69,8 @@ class Pass(Generic[OptionsT]):
     summary: ClassVar[str]
     #: True when the pass changes outputs only within float rounding.
     lossless: ClassVar[bool] = False
+    #: True when the pass imports and runs the user's Python code (command line only).
+    runs_user_code: ClassVar[bool] = False
 
     def __init__(self, options: OptionsT | None = None) -> None:
         self.options: OptionsT = options if options is not None else self.options_type()
@@ -94,12 +97,21 @@ def register_pass(cls: PassT) -> PassT:
     return cls
 
 
+def _load_builtin_passes() -> None:
+    from graphopt.passes import BUILTIN_PASS_MODULES
+
+    for module in BUILTIN_PASS_MODULES:
+        importlib.import_module(f"graphopt.passes.{module}")
+
+
 def registered_passes() -> dict[str, type[Pass[Any]]]:
     """All registered passes by name, in name order."""
+    _load_builtin_passes()
     return dict(sorted(_REGISTRY.items()))
 
 
 def get_pass(name: str) -> type[Pass[Any]]:
+    _load_builtin_passes()
     try:
         return _REGISTRY[name]
     except KeyError:

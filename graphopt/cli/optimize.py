@@ -1,0 +1,252 @@
+"""`graphopt optimize`: run a recipe over a model, validate it, save it, report."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import click
+
+from graphopt.cli.options import data_options, gate_option, parse_gate_args, runtime_options
+
+
+@click.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.option(
+    "--recipe",
+    default=None,
+    metavar="NAME|FILE",
+    help="Built-in recipe name or a YAML/JSON recipe file (default: 'default').",
+)
+@click.option(
+    "--pass",
+    "pass_args",
+    multiple=True,
+    metavar="NAME:KEY=VALUE,...",
+    help="Run this pass (repeatable, in order); replaces the recipe's passes.",
+)
+@gate_option
+@click.option("--data", "data_source", default=None, help="Calibration data: .npz, folder, or 'random'.")
+@click.option(
+    "--val-data",
+    "val_source",
+    default=None,
+    help="Validation data (.npz with labels for accuracy); the result is compared with the original on it.",
+)
+@data_options
+@runtime_options
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default=Path("out"),
+    show_default=True,
+    help="Output folder (model + report.json), or an .onnx file path.",
+)
+@click.option("--metric", default=None, metavar="MODULE:FUNCTION", help="Your accuracy metric.")
+@click.option(
+    "--latency-runs",
+    type=click.IntRange(min=0),
+    default=30,
+    show_default=True,
+    help="ORT latency runs for the original and final model (0 skips the measurement).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for random choices.")
+@click.option("--print-recipe", is_flag=True, help="Print the resolved recipe and exit.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of tables.")
+def optimize(
+    model_path: Path,
+    recipe: str | None,
+    pass_args: tuple[str, ...],
+    gates: tuple[str, ...],
+    data_source: str | None,
+    val_source: str | None,
+    shapes: tuple[str, ...],
+    labels_key: str,
+    preprocess: str | None,
+    device: str,
+    threads: int | None,
+    batch_size: int,
+    output: Path,
+    metric: str | None,
+    latency_runs: int,
+    seed: int,
+    print_recipe: bool,
+    as_json: bool,
+) -> None:
+    """Optimize MODEL with a recipe, check it on ONNX Runtime and save it.
+
+    \b
+    Example:
+      graphopt optimize models/digits/model.onnx --data models/digits/calib.npz \\
+          --val-data models/digits/val.npz -o out/
+    """
+    from graphopt import console
+    from graphopt.recipe import inline_recipe, load_recipe
+    from graphopt.validate import Gates
+
+    resolved = load_recipe(recipe or "default")
+    if pass_args:
+        if recipe is not None:
+            console.warn(f"--pass given: the passes of recipe {resolved.source} are ignored "
+                         "(its validation gates still apply).")
+        resolved = inline_recipe(pass_args, resolved.gates)
+    if gates:
+        merged = {**resolved.gates.to_dict(), **parse_gate_args(gates)}
+        resolved.gates = Gates.from_mapping(merged, where="--gate")
+    if print_recipe:
+        click.echo(resolved.to_yaml(), nl=False)
+        return
+    _run(
+        model_path=model_path,
+        recipe=resolved,
+        data_source=data_source,
+        val_source=val_source,
+        shapes=shapes,
+        labels_key=labels_key,
+        preprocess=preprocess,
+        device=device,
+        threads=threads,
+        batch_size=batch_size,
+        output=output,
+        metric_spec=metric,
+        latency_runs=latency_runs,
+        seed=seed,
+        as_json=as_json,
+    )
+
+
+def _output_paths(output: Path, model_path: Path) -> tuple[Path, Path]:
+    if output.suffix.lower() == ".onnx":
+        return output, output.with_name(output.stem + ".report.json")
+    return output / model_path.name, output / "report.json"
+
+
+def _run(
+    *,
+    model_path: Path,
+    recipe,
+    data_source: str | None,
+    val_source: str | None,
+    shapes: tuple[str, ...],
+    labels_key: str,
+    preprocess: str | None,
+    device: str,
+    threads: int | None,
+    batch_size: int,
+    output: Path,
+    metric_spec: str | None,
+    latency_runs: int,
+    seed: int,
+    as_json: bool,
+) -> None:
+    import json
+
+    from graphopt import console
+    from graphopt.context import Context
+    from graphopt.data import ImagePreprocess, open_dataset, parse_shapes
+    from graphopt.errors import GateFailed
+    from graphopt.model import load_model, model_file_bytes, save_model
+    from graphopt.pipeline import StepRecord, run_pipeline
+    from graphopt.report import RunReport
+    from graphopt.usercode import load_callable
+
+    out_model, out_report = _output_paths(output, model_path)
+    model = load_model(model_path)
+    input_bytes = model_file_bytes(model)
+    metric = load_callable(metric_spec, what="metric") if metric_spec else None
+    shape_map = parse_shapes(shapes)
+    image_spec = ImagePreprocess.parse(preprocess) if preprocess else None
+    specs = model.input_specs()
+
+    def dataset(source: str | None):
+        if source is None:
+            return None
+        return open_dataset(
+            source, specs, shapes=shape_map, labels_key=labels_key, preprocess=image_spec, seed=seed
+        )
+
+    calib = dataset(data_source)
+    val = dataset(val_source)
+    if val is None:
+        console.warn(
+            "no --val-data: the optimized model is not compared with the original, and the "
+            "recipe's validation gates are not checked."
+        )
+
+    def show_step(step: StepRecord) -> None:
+        if step.name != "original":
+            state = "changed the model" if step.modified else "left the model unchanged"
+            console.err.print(f"[green]✓[/] {step.name}: {state} in {step.seconds:.2f} s")
+            for warning in step.warnings:
+                console.warn(f"{step.name}: {warning}")
+
+    with tempfile.TemporaryDirectory(prefix="graphopt-") as workdir:
+        ctx = Context(
+            workdir=Path(workdir),
+            calib_data=calib,
+            val_data=val,
+            device=device,  # type: ignore[arg-type]
+            threads=threads,
+            batch_size=batch_size,
+            seed=seed,
+        )
+        result = run_pipeline(model, recipe, ctx, metric=metric, on_step=show_step)
+        report = RunReport(
+            result=result,
+            model_path=str(model_path),
+            output_path=None,
+            recipe=recipe.to_dict(),
+            data={
+                "calibration": calib.description if calib else None,
+                "validation": val.description if val else None,
+            },
+            input_bytes=input_bytes,
+        )
+        if latency_runs > 0:
+            report.latency = _latencies(model_path, result.model, val or calib, ctx, latency_runs)
+        if result.passed:
+            saved = save_model(result.model, out_model)
+            report.output_path = str(saved.path)
+            report.output_bytes = saved.total_bytes()
+        report.write_json(out_report)
+
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        console.out.print(report.table())
+        latency = report.latency_table()
+        if latency is not None:
+            console.out.print(latency)
+        if result.fidelity is not None:
+            console.out.print(result.fidelity.table())
+    if not result.passed:
+        failures = "; ".join(result.fidelity.failures) if result.fidelity else ""
+        raise GateFailed(
+            f"The optimized model failed its validation gates ({failures}), so it was not "
+            f"written. The report is in '{out_report}'.",
+            hint="Relax the recipe's gates, or change the passes' options.",
+        )
+    console.err.print(f"wrote {out_model} and {out_report}")
+
+
+def _latencies(model_path, final_model, dataset, ctx, runs: int):
+    """ORT latency of the original file and the final model on one sample of real data."""
+    from graphopt import console
+    from graphopt.data import open_dataset
+    from graphopt.errors import DataError
+    from graphopt.runtime import measure_latency
+
+    if dataset is None:
+        try:
+            dataset = open_dataset(
+                "random", final_model.input_specs(), num_samples=1, seed=ctx.seed
+            )
+        except DataError as exc:
+            console.warn(f"latency not measured: {exc.paragraph()}")
+            return {}
+    batch = next(iter(dataset.batches(1)))
+    return {
+        name: measure_latency(which, batch.feeds, runs=runs, threads=ctx.threads, device=ctx.device)
+        for name, which in (("original", model_path), ("final", final_model))
+    }

@@ -1,0 +1,80 @@
+"""`graphopt validate`: compare a candidate model with a reference on ONNX Runtime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from graphopt.cli.options import data_options, gate_option, parse_gate_args, runtime_options
+
+
+@click.command()
+@click.argument("reference_path", metavar="REFERENCE", type=click.Path(path_type=Path))
+@click.argument("candidate_path", metavar="CANDIDATE", type=click.Path(path_type=Path))
+@click.option("--data", "data_source", required=True, help="Data: .npz, folder, or 'random'.")
+@data_options
+@runtime_options
+@gate_option
+@click.option("--metric", default=None, metavar="MODULE:FUNCTION", help="Your accuracy metric.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for random data.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def validate(
+    reference_path: Path,
+    candidate_path: Path,
+    data_source: str,
+    shapes: tuple[str, ...],
+    labels_key: str,
+    preprocess: str | None,
+    device: str,
+    threads: int | None,
+    batch_size: int,
+    gates: tuple[str, ...],
+    metric: str | None,
+    seed: int,
+    as_json: bool,
+) -> None:
+    """Compare CANDIDATE with REFERENCE output by output (and accuracy, with labels).
+
+    Exits 1 when a --gate does not hold.
+    """
+    import tempfile
+
+    from graphopt import console
+    from graphopt.data import ImagePreprocess, open_dataset, parse_shapes
+    from graphopt.errors import GateFailed
+    from graphopt.model import load_model
+    from graphopt.usercode import load_callable
+    from graphopt.validate import Gates, compare
+
+    gate_values = Gates.from_mapping(parse_gate_args(gates), where="--gate")
+    reference = load_model(reference_path)
+    candidate = load_model(candidate_path)
+    dataset = open_dataset(
+        data_source,
+        reference.input_specs(),
+        shapes=parse_shapes(shapes),
+        labels_key=labels_key,
+        preprocess=ImagePreprocess.parse(preprocess) if preprocess else None,
+        seed=seed,
+    )
+    metric_fn = load_callable(metric, what="metric") if metric else None
+    with tempfile.TemporaryDirectory(prefix="graphopt-") as workdir:
+        report = compare(
+            reference,
+            candidate,
+            dataset,
+            gates=gate_values,
+            batch_size=batch_size,
+            device=device,
+            threads=threads,
+            metric=metric_fn,
+            workdir=Path(workdir),
+        )
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        console.out.print(report.table())
+    if not report:
+        raise GateFailed("Validation failed: " + "; ".join(report.failures) + ".")
