@@ -89,8 +89,7 @@ def run_pipeline(
             raise
         except Exception as exc:
             raise PassFailed(
-                f"Pass '{spec.name}' failed with {type(exc).__name__}: {exc}"
-                + _after(done),
+                f"Pass '{spec.name}' failed with {type(exc).__name__}: {exc}" + _after(done),
                 pass_name=spec.name,
                 previous=done,
                 hint="This is a bug in the pass (or the user function it ran); please report "

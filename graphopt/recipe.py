@@ -149,8 +149,7 @@ def _pass_spec(step: Any, index: int, source: str, allow_code: bool) -> PassSpec
         values = values or {}
     else:
         raise RecipeError(
-            f"{where} must be a pass name or a mapping '{{name: {{option: value}}}}', "
-            f"not {step!r}."
+            f"{where} must be a pass name or a mapping '{{name: {{option: value}}}}', not {step!r}."
         )
     if not isinstance(name, str) or not isinstance(values, Mapping):
         raise RecipeError(f"{where}: pass name must be text and its options a mapping.")

@@ -163,7 +163,9 @@ def describe_options(options_type: type) -> list[OptionInfo]:
     return infos
 
 
-def build_options(pass_cls: type[Pass[Any]], values: Mapping[str, Any], *, from_text: bool = False) -> Any:
+def build_options(
+    pass_cls: type[Pass[Any]], values: Mapping[str, Any], *, from_text: bool = False
+) -> Any:
     """Validate and convert option values into the pass's options dataclass.
 
     Args:
@@ -289,4 +291,3 @@ def options_as_dict(options: Any) -> dict[str, Any]:
         value = getattr(options, f.name)
         out[f.name] = list(value) if isinstance(value, tuple) else value
     return out
-

@@ -26,7 +26,9 @@ from graphopt.cli.options import data_options, gate_option, parse_gate_args, run
     help="Run this pass (repeatable, in order); replaces the recipe's passes.",
 )
 @gate_option
-@click.option("--data", "data_source", default=None, help="Calibration data: .npz, folder, or 'random'.")
+@click.option(
+    "--data", "data_source", default=None, help="Calibration data: .npz, folder, or 'random'."
+)
 @click.option(
     "--val-data",
     "val_source",
@@ -88,8 +90,10 @@ def optimize(
     resolved = load_recipe(recipe or "default")
     if pass_args:
         if recipe is not None:
-            console.warn(f"--pass given: the passes of recipe {resolved.source} are ignored "
-                         "(its validation gates still apply).")
+            console.warn(
+                f"--pass given: the passes of recipe {resolved.source} are ignored "
+                "(its validation gates still apply)."
+            )
         resolved = inline_recipe(pass_args, resolved.gates)
     if gates:
         merged = {**resolved.gates.to_dict(), **parse_gate_args(gates)}
