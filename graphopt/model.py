@@ -85,9 +85,7 @@ class Model:
 
     def input_specs(self) -> list[TensorSpec]:
         """Graph inputs the user must feed (inputs that are also initializers are left out)."""
-        return [
-            _spec(v) for v in self.graph.inputs if v.name not in self.graph.initializers
-        ]
+        return [_spec(v) for v in self.graph.inputs if v.name not in self.graph.initializers]
 
     def output_specs(self) -> list[TensorSpec]:
         return [_spec(v) for v in self.graph.outputs]
@@ -191,9 +189,7 @@ def _first_line(exc: BaseException) -> str:
 
 def _check_structure(proto: onnx.ModelProto, path: Path) -> None:
     """Catch files that parse as protobuf but are not a model (e.g. truncated to a prefix)."""
-    if not proto.HasField("graph") or (
-        len(proto.graph.node) == 0 and len(proto.graph.output) == 0
-    ):
+    if not proto.HasField("graph") or (len(proto.graph.node) == 0 and len(proto.graph.output) == 0):
         raise ModelLoadError(
             f"'{path}' holds no ONNX graph (no nodes and no outputs).",
             hint="The file may be truncated or not an ONNX model; export the model again.",
@@ -208,7 +204,9 @@ def _check_structure(proto: onnx.ModelProto, path: Path) -> None:
 def _all_tensor_protos(proto: onnx.ModelProto) -> Iterator[tuple[str, onnx.TensorProto]]:
     """Every TensorProto in the model: initializers and tensor attributes, subgraphs too."""
 
-    def graph_tensors(graph: onnx.GraphProto, prefix: str) -> Iterator[tuple[str, onnx.TensorProto]]:
+    def graph_tensors(
+        graph: onnx.GraphProto, prefix: str
+    ) -> Iterator[tuple[str, onnx.TensorProto]]:
         for tensor in graph.initializer:
             yield f"{prefix}initializer '{tensor.name}'", tensor
         for sparse in graph.sparse_initializer:
@@ -258,7 +256,11 @@ def _check_tensor(tensor: onnx.TensorProto, where: str, base_dir: Path, path: Pa
             hint="The model is malformed; export it again.",
         )
     if tensor.data_location != onnx.TensorProto.EXTERNAL:
-        if declared is not None and tensor.HasField("raw_data") and len(tensor.raw_data) != declared:
+        if (
+            declared is not None
+            and tensor.HasField("raw_data")
+            and len(tensor.raw_data) != declared
+        ):
             raise ModelLoadError(
                 f"{where} in '{path}' declares shape {list(tensor.dims)} "
                 f"({declared} bytes) but holds {len(tensor.raw_data)} bytes.",
@@ -340,8 +342,7 @@ def _contained_data_file(location: str, where: str, base_dir: Path, path: Path) 
         raise ModelLoadError(f"{where} in '{path}' is external but names no data file.")
     if "\0" in location:
         raise ModelLoadError(
-            f"{where} in '{path}' names an external data file with a NUL character "
-            f"({location!r}).",
+            f"{where} in '{path}' names an external data file with a NUL character ({location!r}).",
             hint=refuse_hint,
         )
     candidate = Path(location)
@@ -426,7 +427,15 @@ def save_model(
             f"one protobuf file, so '{path}' cannot be written without external data.",
             hint="Save with external data.",
         )
-    _refuse_input_files(model, path, path.parent / data_name if external_data else None)
+    data_path = path.parent / data_name
+    _refuse_input_files(model, path, data_path if external_data else None)
+    for target in (path, data_path):
+        # A folder in the way would otherwise be moved aside and deleted with the staging.
+        if target.is_dir() and not target.is_symlink():
+            raise ModelSaveError(
+                f"Cannot write '{target}': a folder of that name is in the way.",
+                hint="Choose another output file name (-o).",
+            )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -438,21 +447,53 @@ def save_model(
             ir.save(model.ir, staged, external_data=data_name, size_threshold_bytes=1024)
         else:
             onnx.save(model.to_proto(), os.fspath(staged))
-        data_path: Path | None = None
-        if external_data:
-            data_path = path.parent / data_name
-            os.replace(staging / data_name, data_path)
-        os.replace(staged, path)
-        if not external_data:
+        staged_data = staging / data_name
+        if not staged_data.exists():
+            # No tensor was large enough to go to external data.
+            staged_data = None
+        _publish(staged, path, staged_data, data_path, staging)
+        if staged_data is None:
             # A stale data file from an earlier external save would only confuse users.
-            stale = path.parent / data_name
-            if stale.exists() and not _is_model_file(model, stale):
-                stale.unlink()
+            if data_path.exists() and not _is_model_file(model, data_path):
+                data_path.unlink()
     except OSError as exc:
         raise ModelSaveError(f"Could not write '{path}' ({exc}).") from None
+    except ValueError as exc:
+        # onnx-ir refuses to read an external tensor whose location leaves its base folder
+        # (a model built in code, not loaded by load_model); nothing has been written then.
+        raise ModelSaveError(
+            f"Could not write '{path}': {_first_line(exc)}",
+            hint="Every external tensor must live inside its model's folder.",
+        ) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return SavedModel(path=path, data_path=data_path)
+    return SavedModel(path=path, data_path=data_path if staged_data is not None else None)
+
+
+def _publish(
+    staged: Path, path: Path, staged_data: Path | None, data_path: Path, staging: Path
+) -> None:
+    """Rename the staged files into place, data file first; on failure restore what was there.
+
+    An earlier data file at `data_path` is moved into the staging folder (deleted with it on
+    success, moved back on failure), so a failed save leaves the folder as it found it.
+    """
+    if staged_data is None:
+        os.replace(staged, path)
+        return
+    backup: Path | None = None
+    if os.path.lexists(data_path):
+        backup = staging / (data_path.name + ".previous")
+        os.replace(data_path, backup)
+    try:
+        os.replace(staged_data, data_path)
+        os.replace(staged, path)
+    except OSError:
+        if backup is not None:
+            os.replace(backup, data_path)
+        elif os.path.lexists(data_path):
+            data_path.unlink()
+        raise
 
 
 def _model_files(model: Model) -> set[Path]:
