@@ -16,6 +16,7 @@ normalisations are not counted.
 from __future__ import annotations
 
 import math
+import weakref
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -264,24 +265,36 @@ def _count_zeros(model: ir.Model) -> tuple[int, int]:
     return zeros, total
 
 
+# Zero counts of external tensors, which are immutable: the pipeline analyses the model after
+# every pass, and re-reading gigabytes of untouched weights each time would dominate.
+_EXTERNAL_ZEROS: weakref.WeakKeyDictionary[ir.ExternalTensor, int] = weakref.WeakKeyDictionary()
+
+
 def _zeros_in(tensor: ir.TensorProtocol) -> int:
     if isinstance(tensor, ir.ExternalTensor):
-        # A private mapping we can close afterwards, leaving the model's own tensor (which a
-        # pass may be holding arrays of) untouched.
-        private = ir.ExternalTensor(
-            tensor.location,
-            offset=tensor.offset,
-            length=tensor.length,
-            dtype=tensor.dtype,
-            shape=tensor.shape,
-            name=tensor.name,
-            base_dir=tensor.base_dir,
-        )
-        try:
-            return _count_zero_elements(private.numpy())
-        finally:
-            private.release()
+        cached = _EXTERNAL_ZEROS.get(tensor)
+        if cached is None:
+            cached = _EXTERNAL_ZEROS[tensor] = _external_zeros(tensor)
+        return cached
     return _count_zero_elements(tensor.numpy())
+
+
+def _external_zeros(tensor: ir.ExternalTensor) -> int:
+    # A private mapping we can close afterwards, leaving the model's own tensor (which a
+    # pass may be holding arrays of) untouched.
+    private = ir.ExternalTensor(
+        tensor.location,
+        offset=tensor.offset,
+        length=tensor.length,
+        dtype=tensor.dtype,
+        shape=tensor.shape,
+        name=tensor.name,
+        base_dir=tensor.base_dir,
+    )
+    try:
+        return _count_zero_elements(private.numpy())
+    finally:
+        private.release()
 
 
 def _count_zero_elements(array: np.ndarray) -> int:
