@@ -211,7 +211,7 @@ def _constant_size(node: ir.Node) -> tuple[int, int]:
     """(elements, bytes) of a Constant node's value, without loading anything."""
     for name, attr in node.attributes.items():
         value = attr.value
-        if name in ("value", "sparse_value") and value is not None:
+        if name == "value" and value is not None:
             return value.size, value.nbytes
         if name in ("value_float", "value_int"):
             return 1, 4 if name == "value_float" else 8

@@ -241,9 +241,8 @@ class FidelityReport:
 
     def table(self) -> Table:
         """Per-output metrics, with accuracy and the verdict in the caption."""
-        title = f"Fidelity: candidate vs reference on {self.samples:,} samples"
-        if self.data:
-            title += f" ({self.data})"
+        title = "Fidelity: candidate vs reference on "
+        title += self.data if self.data else f"{self.samples:,} samples"
         table = Table(title=title, title_justify="left")
         table.add_column("output")
         for column in ("max abs", "mean abs", "cosine", "SQNR dB", "top-1 agree"):
