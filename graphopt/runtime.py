@@ -29,7 +29,7 @@ import numpy as np
 
 from graphopt.console import track
 from graphopt.errors import GraphoptError, RuntimeFailed
-from graphopt.model import EXTERNAL_DATA_THRESHOLD_BYTES, Model, save_model
+from graphopt.model import EXTERNAL_DATA_THRESHOLD_BYTES, Model, load_model, save_model
 
 if TYPE_CHECKING:
     from graphopt.data import Batch, Dataset
@@ -188,7 +188,7 @@ class Session:
         unknown = [n for n in names if n not in self.output_names]
         if unknown:
             raise RuntimeFailed(
-                f"{self.name} has no output(s) {_names(unknown)}.",
+                f"{_cap(self.name)} has no output(s) {_names(unknown)}.",
                 hint=f"Its outputs are {_names(self.output_names)}; intermediate tensors must "
                 "be exposed with extra_outputs when the session is created.",
             )
@@ -247,7 +247,7 @@ def create_session(
         else:
             if workdir is None:
                 raise RuntimeFailed(
-                    f"{name} is too large to hand to ONNX Runtime in memory and no working "
+                    f"{_cap(name)} is too large to hand to ONNX Runtime in memory and no working "
                     "folder was given to save it in.",
                     hint="Pass workdir= (the pipeline's scratch folder).",
                 )
@@ -257,6 +257,9 @@ def create_session(
     elif isinstance(model, bytes):
         source = model
     else:
+        # A model file is untrusted: load_model refuses external data outside its folder
+        # (without reading the weights) before ORT opens anything.
+        load_model(model)
         source = os.fspath(model)
     ort = _ort()
     ort.set_default_logger_severity(ORT_LOG_ERROR)
@@ -303,9 +306,9 @@ def _as_model(model: ModelSource, name: str) -> Model:
         except GraphoptError:
             raise
         except Exception as exc:
-            raise RuntimeFailed(f"{name} could not be read as ONNX ({_first_line(exc)}).") from None
-    from graphopt.model import load_model
-
+            raise RuntimeFailed(
+                f"{_cap(name)} could not be read as ONNX ({_first_line(exc)})."
+            ) from None
     return load_model(model)
 
 
@@ -337,7 +340,7 @@ def _with_outputs(model: Model, names: Sequence[str], name: str) -> Model:
     missing = [n for n in names if n not in values]
     if missing:
         raise RuntimeFailed(
-            f"{name} has no tensor(s) {_names(missing)} in its main graph to expose as outputs.",
+            f"{_cap(name)} has no tensor(s) {_names(missing)} in its main graph to expose as outputs.",
             hint="Use names of node outputs, graph inputs or initializers "
             "(`graphopt inspect` lists them).",
         )
@@ -471,3 +474,7 @@ def _first_line(exc: BaseException) -> str:
     if len(lines) > 1 and lines[0].rstrip(".").endswith(("indices", ":")):
         return f"{lines[0]} {lines[1]}"
     return lines[0]
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
