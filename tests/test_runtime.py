@@ -14,7 +14,7 @@ from onnx.reference import ReferenceEvaluator
 
 import graphopt.runtime as runtime
 from graphopt.data import open_dataset
-from graphopt.errors import RuntimeFailed
+from graphopt.errors import ModelLoadError, RuntimeFailed
 from graphopt.model import Model, load_model
 from graphopt.runtime import (
     LatencyStats,
@@ -206,3 +206,20 @@ def test_measure_latency_reports_sane_stats(model: Model) -> None:
     assert measure_latency(session, feeds, runs=3, warmup=0).runs == 3
     with pytest.raises(RuntimeFailed):
         measure_latency(session, feeds, runs=0)
+
+
+def test_model_file_with_escaping_external_data_is_refused(
+    proto: onnx.ModelProto, tmp_path
+) -> None:
+    (tmp_path / "secret.bin").write_bytes(b"\0" * 48)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    weight = proto.graph.initializer[0]
+    weight.ClearField("raw_data")
+    del weight.float_data[:]
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", "../secret.bin"), ("offset", "0"), ("length", "48")):
+        weight.external_data.add(key=key, value=value)
+    onnx.save(proto, folder / "evil.onnx")
+    with pytest.raises(ModelLoadError, match="outside"):
+        create_session(folder / "evil.onnx", device="cpu")
