@@ -19,8 +19,14 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+# Tables are wide; when the output is a file or a pipe, do not squeeze them to 80 columns.
+_PIPE_WIDTH = 160
 out = Console(highlight=False)
+if not out.is_terminal:
+    out = Console(highlight=False, width=_PIPE_WIDTH)
 err = Console(stderr=True, highlight=False)
+if not err.is_terminal:
+    err = Console(stderr=True, highlight=False, width=_PIPE_WIDTH)
 
 T = TypeVar("T")
 

@@ -555,3 +555,9 @@ def model_file_bytes(model: Model) -> int | None:
     if model.path is None:
         return None
     return sum(path.stat().st_size for path in _model_files(model))
+
+
+def check_output_path(model: Model, path: str | os.PathLike[str]) -> None:
+    """Refuse, before any work is done, an output path that is one of the model's own files."""
+    path = Path(path)
+    _refuse_input_files(model, path, path.parent / (path.name + ".data"))

@@ -144,7 +144,8 @@ def _passes_full_check(model: Model) -> bool:
     return True
 
 
-_NODE_IN_MESSAGE = re.compile(r"[Nn]ode \(([^)]*)\)")
+# The checker names nodes as "Node (name)" or "node: name: X OpType: Y".
+_NODE_IN_MESSAGE = re.compile(r"[Nn]ode \(([^)]*)\)|node: name: (\S+) OpType")
 
 
 def _settle(model: Model, pass_name: str, done: list[str], full_check: bool) -> None:
@@ -168,7 +169,7 @@ def _settle(model: Model, pass_name: str, done: list[str], full_check: bool) -> 
         cause = exc.__cause__ or exc
         message = " ".join(str(cause).split())
         node_match = _NODE_IN_MESSAGE.search(message)
-        node = node_match.group(1) if node_match else None
+        node = (node_match.group(1) or node_match.group(2)) if node_match else None
         where = f" at node '{node}'" if node else ""
         raise PassFailed(
             f"Pass '{pass_name}' produced an invalid model{where}: {message}" + _after(done),

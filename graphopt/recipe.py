@@ -40,7 +40,7 @@ BUILTIN_RECIPES: dict[str, dict[str, Any]] = {
     "lossless": {
         "description": "only passes that keep outputs equal within float rounding",
         "passes": ["cleanup"],
-        "validation": {"min_cosine": 0.99999, "max_accuracy_drop": 0.0},
+        "validation": {"min_cosine": 0.99999},
     },
 }
 

@@ -34,11 +34,11 @@ def invoke(*args: str):
 
 def assert_clean_failure(result, *words: str):
     assert result.exit_code == 1, result.output
-    stderr = result.stderr
-    assert stderr.startswith("error: "), stderr
     assert "Traceback" not in result.output
-    paragraph = stderr.strip()
-    assert "\n" not in paragraph, paragraph
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    assert result.stderr.rstrip().endswith(errors[0]), "the error must be the last thing said"
+    paragraph = errors[0]
     for word in words:
         assert word in paragraph, paragraph
 

@@ -7,15 +7,15 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 import pytest
-from graphopt.data import open_dataset
-from graphopt.passes import base
-from graphopt.validate import Gates
 
 from graphopt.context import Context
+from graphopt.data import open_dataset
 from graphopt.errors import PassFailed
 from graphopt.model import load_model
+from graphopt.passes import base
 from graphopt.pipeline import run_pipeline
 from graphopt.recipe import PassSpec, Recipe
+from graphopt.validate import Gates
 from tests.tiny import data_file, tiny_model
 
 
@@ -33,11 +33,8 @@ class BreakingPass(base.Pass[NoOptions]):
 
     def run(self, model, ctx):
         relu = next(n for n in model.graph if n.op_type == "Relu")
-        dangling = ir.Value(name="ghost", type=ir.TensorType(ir.DataType.FLOAT))
-        bad = ir.Node("", "Add", [relu.outputs[0], dangling], name="broken_add")
-        model.graph.insert_after(relu, bad)
-        relu.outputs[0].replace_all_uses_with(bad.outputs[0])
-        bad.replace_input_with(0, relu.outputs[0])
+        ghost = ir.Value(name="ghost", type=ir.TensorType(ir.DataType.FLOAT))
+        relu.replace_input_with(0, ghost)
         return base.PassResult(modified=True)
 
 
@@ -87,7 +84,7 @@ def test_broken_graph_names_the_pass_the_previous_passes_and_the_node(tmp_path):
     assert error.pass_name == "test-break"
     assert error.previous == ["cleanup"]
     assert "test-break" in error.paragraph() and "after cleanup" in error.paragraph()
-    assert "broken_add" in error.paragraph() or error.node == "broken_add"
+    assert error.node == "relu" and "'relu'" in error.paragraph()
 
 
 def test_exception_in_a_pass_is_reported_with_its_name(tmp_path):

@@ -150,13 +150,14 @@ def _run(
     from graphopt.context import Context
     from graphopt.data import ImagePreprocess, open_dataset, parse_shapes
     from graphopt.errors import GateFailed
-    from graphopt.model import load_model, model_file_bytes, save_model
+    from graphopt.model import check_output_path, load_model, model_file_bytes, save_model
     from graphopt.pipeline import StepRecord, run_pipeline
     from graphopt.report import RunReport
     from graphopt.usercode import load_callable
 
     out_model, out_report = _output_paths(output, model_path)
     model = load_model(model_path)
+    check_output_path(model, out_model)
     input_bytes = model_file_bytes(model)
     metric = load_callable(metric_spec, what="metric") if metric_spec else None
     shape_map = parse_shapes(shapes)
@@ -225,7 +226,7 @@ def _run(
         if result.fidelity is not None:
             console.out.print(result.fidelity.table())
     if not result.passed:
-        failures = "; ".join(result.fidelity.failures) if result.fidelity else ""
+        failures = "; ".join(result.fidelity.failures) if result.fidelity is not None else ""
         raise GateFailed(
             f"The optimized model failed its validation gates ({failures}), so it was not "
             f"written. The report is in '{out_report}'.",
