@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import onnx
 import onnx_ir as ir
-from graphopt.passes.base import Pass, PassResult, option, register_pass
 
 from graphopt.context import Context
 from graphopt.errors import PassFailed
 from graphopt.model import EXTERNAL_DATA_THRESHOLD_BYTES, Model
+from graphopt.passes.base import Pass, PassResult, option, register_pass
 from graphopt.usercode import load_callable
 
 
