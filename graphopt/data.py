@@ -1167,7 +1167,7 @@ def _open_npy_folder(folder: Path, rules: Sequence[_Input], labels_key: str) -> 
     if has_labels:
         chunks = _attach_folder_labels(labels_file, folder, chunks, rule.name)
     return _StreamingDataset(
-        description=f"{folder.name}/ ({len(files)} .npy files)",
+        description=f"{folder.name}/, {len(files)} .npy files",
         rules=rules,
         chunks=chunks,
         has_labels=has_labels,
@@ -1233,7 +1233,7 @@ def _open_npz_folder(folder: Path, rules: Sequence[_Input], labels_key: str) -> 
             hint="Give labels in every file or in none.",
         )
     return _StreamingDataset(
-        description=f"{folder.name}/ ({len(files)} .npz files)",
+        description=f"{folder.name}/, {len(files)} .npz files",
         rules=rules,
         chunks=chunks,
         has_labels=bool(labelled) and all(labelled),
@@ -1283,10 +1283,10 @@ def _open_images(
                 found = sorted(p for p in directory.rglob("*") if p.is_file() and _is_image(p))
                 files += found
                 labels += [index] * len(found)
-            description = f"{source.name}/ ({len(classes)} classes)"
+            description = f"{source.name}/, images in {len(classes)} classes"
         else:
             files, labels = top, None
-            description = f"{source.name}/"
+            description = f"{source.name}/, images"
     if not files:
         raise DataError(
             f"'{source}' holds no images.", hint=f"Images end in {', '.join(IMAGE_SUFFIXES)}."
