@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -251,7 +252,9 @@ def _latencies(model_path, final_model, dataset, ctx, runs: int):
             console.warn(f"latency not measured: {exc.paragraph()}")
             return {}
     batch = next(iter(dataset.batches(1)))
+    # Fixed threads, recorded in the report, so the two numbers are comparable.
+    threads = ctx.threads or os.cpu_count() or 1
     return {
-        name: measure_latency(which, batch.feeds, runs=runs, threads=ctx.threads, device=ctx.device)
+        name: measure_latency(which, batch.feeds, runs=runs, threads=threads, device=ctx.device)
         for name, which in (("original", model_path), ("final", final_model))
     }
