@@ -129,6 +129,12 @@ class CleanupPass(Pass[CleanupOptions]):
                 break
         else:
             warnings.append(f"cleanup still changed the model after {_MAX_ROUNDS} rounds")
+        if opts.deduplicate:
+            # Once, after the rounds: it reads every weight, and merging enables no other rule.
+            before = _count_initializers(m)
+            reported |= _deduplicate(m)
+            stats["initializers_deduplicated"] = before - _count_initializers(m)
+            reported |= _remove_unused(m, stats)
         _restore_io(m.graph, signature)
         stats["nodes_removed"] = nodes - _count_nodes(m)
         stats["initializers_removed"] = initializers - _count_initializers(m)
@@ -158,16 +164,10 @@ class CleanupPass(Pass[CleanupOptions]):
             count = _fold_batchnorms(m)
             stats["batchnorms_folded"] += count
             modified |= count > 0
-        if opts.deduplicate:
-            before = _count_initializers(m)
-            modified |= ir_passes.DeduplicateHashedInitializersPass()(m).modified
-            stats["initializers_deduplicated"] += before - _count_initializers(m)
         modified |= _remove_unused(m, stats)
-        opsets = sum(len(f.opset_imports) for f in m.functions.values()) + len(m.opset_imports)
+        opsets = _count_opsets(m)
         modified |= ir_passes.RemoveUnusedOpsetsPass()(m).modified
-        stats["opsets_removed"] += (
-            opsets - sum(len(f.opset_imports) for f in m.functions.values()) - len(m.opset_imports)
-        )
+        stats["opsets_removed"] += opsets - _count_opsets(m)
         return modified
 
     def explain(self, model: Model) -> list[Refusal]:
@@ -206,6 +206,10 @@ def _count_nodes(m: ir.Model) -> int:
 
 def _count_initializers(m: ir.Model) -> int:
     return sum(len(graph.initializers) for graph in m.graphs())
+
+
+def _count_opsets(m: ir.Model) -> int:
+    return len(m.opset_imports) + sum(len(f.opset_imports) for f in m.functions.values())
 
 
 def _fingerprint(m: ir.Model) -> int:
@@ -310,6 +314,34 @@ def _remove_unused(m: ir.Model, stats: Counter[str]) -> bool:
     return modified
 
 
+def _deduplicate(m: ir.Model) -> bool:
+    """onnx-ir's hashing deduplication, run only where two initializers could be equal.
+
+    It reads every weight: skip that when no two initializers of a graph share dtype and
+    shape, and unmap external weights it mapped, so a big model's pages do not stay mapped.
+    """
+    collide = False
+    for graph in m.graphs():
+        keys = Counter(
+            (v.const_value.dtype, tuple(v.const_value.shape.numpy()))
+            for v in graph.initializers.values()
+            if v.const_value is not None
+        )
+        collide |= any(n > 1 for n in keys.values())
+    if not collide:
+        return False
+    unmapped = [
+        v.const_value
+        for graph in m.graphs()
+        for v in graph.initializers.values()
+        if isinstance(v.const_value, ir.ExternalTensor) and v.const_value.raw is None
+    ]
+    modified = ir_passes.DeduplicateHashedInitializersPass()(m).modified
+    for tensor in unmapped:
+        tensor.release()
+    return modified
+
+
 # ---------------------------------------------------------------------------- Identity, Dropout
 
 
@@ -388,8 +420,17 @@ def _bypass(node: ir.Node) -> None:
 
 
 # Dropout belongs to the remove_dropout rule. onnxscript's sequence rewrites emit opset-13
-# Split/Unsqueeze whatever the model's opset (found by the backend corpus test).
+# Split/Unsqueeze whatever the model's opset, and its CastLike -> Cast rewrite drops
+# `saturate` (all three found by the backend corpus test).
 _NOT_FOLDED = frozenset({"Dropout", "SplitToSequence", "ConcatFromSequence"})
+
+
+def _not_folded(node: ir.Node) -> bool:
+    if node.domain not in _ONNX_DOMAINS:
+        return False
+    return node.op_type in _NOT_FOLDED or (
+        node.op_type == "CastLike" and "saturate" in node.attributes
+    )
 
 
 class _BoundedFolder(FoldConstantsPass):
@@ -401,7 +442,7 @@ class _BoundedFolder(FoldConstantsPass):
     """
 
     def process_node(self, node: ir.Node, is_function: bool) -> Any:
-        if node.op_type in _NOT_FOLDED and node.domain in _ONNX_DOMAINS:
+        if _not_folded(node):
             return None
         # onnxscript emits Constant nodes instead of initializers inside functions.
         as_constant = is_function or any(out.is_graph_output() for out in node.outputs)
@@ -430,7 +471,8 @@ def _fold_constants(m: ir.Model, size_limit: int) -> bool:
         output_size_limit=size_limit,
         should_fold=should_fold,
     )
-    modified = folder(m).modified
+    with np.errstate(all="ignore"):  # folding NaN or inf is fine; numpy's warnings are noise
+        modified = folder(m).modified
     if modified:
         _contiguous_initializers(m)
         if m.opset_imports.get("", 1) < 12:

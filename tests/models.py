@@ -77,8 +77,10 @@ class _Weights:
         self.tensors.append(numpy_helper.from_array(np.asarray(array), name))
         return name
 
-    def normal(self, name: str, shape: Sequence[int], scale: float = 0.3) -> str:
-        return self.add(name, (self.rng.standard_normal(shape) * scale).astype(np.float32))
+    def normal(
+        self, name: str, shape: Sequence[int], scale: float = 0.3, dtype: type = np.float32
+    ) -> str:
+        return self.add(name, (self.rng.standard_normal(shape) * scale).astype(dtype))
 
     def batchnorm(self, prefix: str, channels: int) -> list[str]:
         """scale, bias, mean, var of a BatchNormalization (var well away from zero)."""
@@ -95,16 +97,23 @@ def _vi(name: str, shape: Sequence[int | str], elem_type: int = FLOAT) -> onnx.V
 
 
 def conv_bn(
-    *, groups: int = 1, channels: int = 8, bias: bool = True, seed: int = 0
+    *,
+    groups: int = 1,
+    channels: int = 8,
+    bias: bool = True,
+    dtype: type = np.float32,
+    seed: int = 0,
 ) -> onnx.ModelProto:
     """x[N,C,8,8] -> Conv(3x3, groups) -> BatchNormalization -> Relu -> y.
 
-    groups == channels makes it depthwise.
+    groups == channels makes it depthwise. With dtype float16 the activations and Conv weights
+    are float16 and the BatchNormalization parameters stay float32 (allowed since opset 15).
     """
     w = _Weights(seed)
-    conv_inputs = ["x", w.normal("w", [channels, channels // groups, 3, 3])]
+    conv_inputs = ["x", w.normal("w", [channels, channels // groups, 3, 3], dtype=dtype)]
     if bias:
-        conv_inputs.append(w.normal("b", [channels]))
+        conv_inputs.append(w.normal("b", [channels], dtype=dtype))
+    elem_type = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     nodes = [
         helper.make_node("Conv", conv_inputs, ["c"], name="conv", pads=[1, 1, 1, 1], group=groups),
         helper.make_node(
@@ -118,8 +127,8 @@ def conv_bn(
     ]
     return make_model(
         nodes,
-        [_vi("x", ["N", channels, 8, 8])],
-        [_vi("y", ["N", channels, 8, 8])],
+        [_vi("x", ["N", channels, 8, 8], elem_type)],
+        [_vi("y", ["N", channels, 8, 8], elem_type)],
         w.tensors,
         name="conv_bn",
     )

@@ -176,6 +176,21 @@ def test_folded_graph_output_is_a_constant_node_not_an_initializer(tmp_path: Pat
     _assert_same_outputs(original, cleaned, models.feeds(original))
 
 
+def test_float16_conv_bn_with_float32_statistics(tmp_path: Path) -> None:
+    """Folded in float64, stored in the weight's float16; float16 tolerances."""
+    original = models.conv_bn(dtype=np.float16)
+    cleaned, result, _ = _cleanup(original, tmp_path)
+    assert result.stats["batchnorms_folded"] == 1
+    assert {t.data_type for t in cleaned.graph.initializer} == {TensorProto.FLOAT16}
+    feeds = models.feeds(original)
+    (expected,) = _ort(original, feeds)
+    (got,) = _ort(cleaned, feeds)
+    assert got.dtype == np.float16
+    np.testing.assert_allclose(
+        got.astype(np.float32), expected.astype(np.float32), rtol=1e-2, atol=1e-2
+    )
+
+
 def test_gemm_bn_folds_alpha_and_beta(tmp_path: Path) -> None:
     original = models.gemm_bn(c_shape=(3, 5), alpha=2.0, beta=0.25)
     cleaned, _, _ = _cleanup(original, tmp_path)
