@@ -15,9 +15,12 @@ What it does, repeated until nothing changes:
 - merges initializers with identical dtype, shape and bytes.
 
 Lossless: outputs equal within float rounding. Preserves the names, types and shapes of the
-graph inputs and outputs, and subgraphs (If, Loop, Scan). Models of IR version 3 keep their
-constant and BatchNormalization folds, because there every new weight would have to become a
+graph inputs and outputs, and subgraphs (If, Loop, Scan). Models of IR version 3 get no
+constant or BatchNormalization folding, because there every new weight would have to become a
 graph input.
+
+`CleanupPass.explain(model)` lists every BatchNormalization, Dropout and Identity a rule leaves
+alone, with the reason (for `--explain`).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 
 # onnxscript exports only the function; the class lets us bound and steer it (see below).
-from onnxscript.optimizer._constant_folding import FoldConstantsPass
+from onnxscript.optimizer._constant_folding import FOLDED_FROM_KEY, FoldConstantsPass
 
 from graphopt.context import Context
 from graphopt.model import Model
@@ -138,7 +141,9 @@ class CleanupPass(Pass[CleanupOptions]):
         _restore_io(m.graph, signature)
         stats["nodes_removed"] = nodes - _count_nodes(m)
         stats["initializers_removed"] = initializers - _count_initializers(m)
-        stats["batchnorms_kept"] = sum(1 for r in self.explain(model) if r.rule == "fold-batchnorm")
+        stats["batchnorms_kept"] = sum(
+            1 for node, _ in _nodes_with_opset(m) if node.op_type == "BatchNormalization"
+        )
         modified = reported or _fingerprint(m) != start
         return PassResult(modified=modified, stats=dict(stats), warnings=warnings)
 
@@ -434,11 +439,12 @@ def _not_folded(node: ir.Node) -> bool:
 
 
 class _BoundedFolder(FoldConstantsPass):
-    """onnxscript's constant folder, steered away from two things this pass must not do.
+    """onnxscript's constant folder, steered away from what this pass must not do.
 
-    Dropout is left to the `remove_dropout` rule (so the option means what it says), and a
-    folded graph output becomes a Constant node instead of an initializer, which some
-    runtimes (and IR 3) refuse as an output.
+    It leaves alone the ops in `_not_folded` (Dropout is the `remove_dropout` rule's, so the
+    option means what it says), turns a folded graph output into a Constant node rather than
+    an initializer (every graph output stays produced by a node, as in the input model), and
+    treats an evaluator that raises as "not foldable" rather than failing the pass.
     """
 
     def process_node(self, node: ir.Node, is_function: bool) -> Any:
@@ -474,10 +480,20 @@ def _fold_constants(m: ir.Model, size_limit: int) -> bool:
     with np.errstate(all="ignore"):  # folding NaN or inf is fine; numpy's warnings are noise
         modified = folder(m).modified
     if modified:
+        _forget_provenance(m)
         _contiguous_initializers(m)
         if m.opset_imports.get("", 1) < 12:
             _constants_as_tensors(m)
     return modified
+
+
+def _forget_provenance(m: ir.Model) -> None:
+    """Drop the "folded from" notes onnxscript writes into every folded value's metadata: a
+    cleanup should not leave new text in the model file."""
+    for graph in m.graphs():
+        values = [*graph.initializers.values(), *(out for node in graph for out in node.outputs)]
+        for value in values:
+            value.metadata_props.pop(FOLDED_FROM_KEY, None)
 
 
 def _contiguous_initializers(m: ir.Model) -> None:
@@ -630,14 +646,17 @@ def _fold_batchnorms(m: ir.Model) -> int:
     ]
     for node, opset in candidates:
         match = _match_batchnorm(node, opset)
-        if isinstance(match, _BatchNormMatch):
-            _fold_batchnorm(match, names)
+        if isinstance(match, _BatchNormMatch) and _fold_batchnorm(match, names):
             count += 1
     return count
 
 
-def _fold_batchnorm(match: _BatchNormMatch, names: set[str]) -> None:
-    """Rewrite `BN(op(x, W, b))` as `op(x, W', b')` with W' = W·f, b' = b·f + shift."""
+def _fold_batchnorm(match: _BatchNormMatch, names: set[str]) -> bool:
+    """Rewrite `BN(op(x, W, b))` as `op(x, W', b')` with W' = W·f, b' = b·f + shift.
+
+    Returns False, changing nothing, when W' or b' would overflow the weight's type (a float16
+    weight times a large 1/sqrt(var + eps)).
+    """
     scale, bias, mean, var = (np.asarray(t.numpy(), dtype=np.float64) for t in match.params)
     factor = scale / np.sqrt(var + np.float64(np.float32(match.epsilon)))
     shift = bias - mean * factor
@@ -661,18 +680,20 @@ def _fold_batchnorm(match: _BatchNormMatch, names: set[str]) -> None:
         assert beta is not None
         w = w * (factor[:, None] if _int_attr(producer, "transB", 0) else factor[None, :])
         b = (np.float64(np.float32(beta)) * old_bias) * factor + shift
+    with np.errstate(over="ignore", invalid="ignore"):
+        new_w, new_b = w.astype(dtype), b.astype(dtype)
+    was_finite = np.isfinite(w).all() and np.isfinite(b).all()
+    if was_finite and not (np.isfinite(new_w).all() and np.isfinite(new_b).all()):
+        return False
+    if kind == "Gemm":
         producer.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
     graph = producer.graph
     assert isinstance(graph, ir.Graph)
     base = producer.name or kind
-    producer.replace_input_with(
-        1, _new_initializer(graph, f"{base}_weight_bn", w.astype(dtype), names)
-    )
+    producer.replace_input_with(1, _new_initializer(graph, f"{base}_weight_bn", new_w, names))
     if len(producer.inputs) < 3:
         producer.resize_inputs(3)
-    producer.replace_input_with(
-        2, _new_initializer(graph, f"{base}_bias_bn", b.astype(dtype), names)
-    )
+    producer.replace_input_with(2, _new_initializer(graph, f"{base}_bias_bn", new_b, names))
     # The producer now computes what the BatchNormalization did: give it the BN's output.
     y, z = producer.outputs[0], bn.outputs[0]
     name, type_, shape = z.name, z.type, z.shape
@@ -681,7 +702,9 @@ def _fold_batchnorm(match: _BatchNormMatch, names: set[str]) -> None:
     y.name = name
     if type_ is not None:
         y.type = type_
-    y.shape = shape
+    if shape is not None:
+        y.shape = shape
+    return True
 
 
 def _all_value_names(m: ir.Model) -> set[str]:

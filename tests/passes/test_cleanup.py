@@ -173,6 +173,7 @@ def test_folded_graph_output_is_a_constant_node_not_an_initializer(tmp_path: Pat
     assert not outputs & {t.name for t in cleaned.graph.initializer}
     producers = {o: n.op_type for n in cleaned.graph.node for o in n.output}
     assert producers["const_out"] == "Constant"
+    assert "folded_from" not in str(cleaned), "onnxscript's provenance notes must not stay"
     _assert_same_outputs(original, cleaned, models.feeds(original))
 
 
@@ -189,6 +190,20 @@ def test_float16_conv_bn_with_float32_statistics(tmp_path: Path) -> None:
     np.testing.assert_allclose(
         got.astype(np.float32), expected.astype(np.float32), rtol=1e-2, atol=1e-2
     )
+
+
+def test_float16_fold_that_would_overflow_is_skipped(tmp_path: Path) -> None:
+    original = models.conv_bn(dtype=np.float16)
+    for tensor in original.graph.initializer:
+        if tensor.name == "bn_var":
+            tensor.CopyFrom(numpy_helper.from_array(np.full(8, 1e-10, np.float32), "bn_var"))
+    for attr in original.graph.node[1].attribute:
+        if attr.name == "epsilon":
+            attr.f = 1e-10  # 1/sqrt(var + eps) ~ 7e4: W * that leaves float16's range
+    cleaned, result, _ = _cleanup(original, tmp_path)
+    assert _ops(cleaned)["BatchNormalization"] == 1
+    assert result.stats["batchnorms_folded"] == 0 and result.stats["batchnorms_kept"] == 1
+    assert not result.modified
 
 
 def test_gemm_bn_folds_alpha_and_beta(tmp_path: Path) -> None:
