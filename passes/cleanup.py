@@ -62,6 +62,8 @@ _RANDOM_OPS = frozenset(
 
 @dataclass(frozen=True, kw_only=True)
 class CleanupOptions:
+    """Which cleanup rules run; unused-node, Identity and opset removal always do."""
+
     fold_constants: bool = option(
         True, "evaluate nodes whose inputs are all constants and keep the results as weights"
     )

@@ -1,8 +1,8 @@
 """Test models built in code, shared by the test suite.
 
 Every builder returns an `onnx.ModelProto` made with `onnx.helper` and numpy from a fixed seed,
-at IR version 10 (ONNX Runtime reads up to 11 at the time of writing) and ONNX opset 17 unless
-it says otherwise. `feeds(model)` makes matching random inputs.
+at IR version 10 (onnx.helper's default, 14 with onnx 1.23, is newer than ONNX Runtime 1.31
+reads) and ONNX opset 17 unless it says otherwise. `feeds(model)` makes matching random inputs.
 
 - `conv_bn`: Conv (plain, grouped or depthwise) -> BatchNormalization -> Relu
 - `conv_transpose_bn`: ConvTranspose (optionally grouped) -> BatchNormalization
@@ -296,13 +296,16 @@ def small_cnn(seed: int = 0) -> onnx.ModelProto:
 
     x[N,3,16,16] -> Conv+BN+Relu -> depthwise Conv+BN+Relu -> grouped 1x1 Conv+BN -> Add
     (residual) -> Relu -> ConvTranspose(group 2)+BN+Relu -> GlobalAveragePool -> Flatten ->
-    Gemm+BN -> Dropout -> Identity -> Mul(scale from a constant subgraph) -> y[N,10].
-    Two initializers are byte-identical copies, and one is unused.
+    Gemm+BN -> Dropout -> Identity -> Mul(scale from a constant subgraph) -> Add(offset_a)
+    -> Add(offset_b) -> y[N,10]. offset_a and offset_b are byte-identical copies, and one
+    initializer is unused.
     """
     w = _Weights(seed)
     mk = helper.make_node
     scale_base = w.add("scale_base", np.full(10, 4.0, np.float32))
     scale_copy = w.add("scale_copy", np.full(10, 4.0, np.float32))
+    offset_a = w.add("offset_a", np.linspace(-1, 1, 10, dtype=np.float32))
+    offset_b = w.add("offset_b", np.linspace(-1, 1, 10, dtype=np.float32))
     w.add("unused", np.zeros(3, np.float32))
     nodes = [
         mk("Conv", ["x", w.normal("w1", [8, 3, 3, 3]), w.normal("b1", [8])], ["c1"], pads=[1] * 4),
@@ -339,7 +342,9 @@ def small_cnn(seed: int = 0) -> onnx.ModelProto:
         mk("Identity", ["d"], ["i"]),
         mk("Sqrt", [scale_base], ["scale_root"]),
         mk("Mul", ["scale_root", scale_copy], ["scale"]),
-        mk("Mul", ["i", "scale"], ["y"]),
+        mk("Mul", ["i", "scale"], ["scaled"]),
+        mk("Add", ["scaled", offset_a], ["shifted"]),
+        mk("Add", ["shifted", offset_b], ["y"]),
     ]
     for i, node in enumerate(nodes):
         node.name = f"{node.op_type.lower()}_{i}"

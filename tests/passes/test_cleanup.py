@@ -141,6 +141,7 @@ def test_small_cnn_numbers(tmp_path: Path) -> None:
     assert stats["dropouts_removed"] == 1
     assert stats["identities_removed"] == 1
     assert stats["constants_folded"] >= 2
+    assert stats["initializers_deduplicated"] == 1
     assert stats["nodes_removed"] == len(original.graph.node) - len(cleaned.graph.node)
     assert stats["initializers_removed"] == len(original.graph.initializer) - len(
         cleaned.graph.initializer
@@ -480,3 +481,27 @@ def test_cleaned_model_passes_full_checker(
     cleaned, _, _ = _cleanup(builder(), tmp_path)
     onnx.checker.check_model(cleaned, full_check=True)
     onnx.shape_inference.infer_shapes(cleaned, check_type=True, strict_mode=True)
+
+
+def test_custom_domain_nodes_and_their_opset_stay(tmp_path: Path) -> None:
+    """Ops cleanup knows nothing about, even with constant inputs, are kept as they are."""
+    vi = helper.make_tensor_value_info
+    original = models.conv_bn()
+    original.opset_import.append(helper.make_opsetid("com.example", 1))
+    original.graph.node.append(
+        helper.make_node("Mystery", ["y", "bn_scale"], ["z"], domain="com.example", name="m")
+    )
+    original.graph.node.append(
+        helper.make_node("Mystery", ["bn_bias"], ["k"], domain="com.example", name="k")
+    )
+    original.graph.output[0].CopyFrom(vi("z", TensorProto.FLOAT, None))
+    original.graph.output.append(vi("k", TensorProto.FLOAT, None))
+    source = tmp_path / "model.onnx"
+    onnx.save(original, os.fspath(source))
+    model = load_model(source)
+    result = CleanupPass().run(model, Context(workdir=tmp_path))
+    cleaned = model.to_proto()
+    assert result.stats["batchnorms_folded"] == 1
+    assert _ops(cleaned)["Mystery"] == 2
+    assert {o.domain for o in cleaned.opset_import} == {"", "com.example"}
+    assert _signature(cleaned) == _signature(original)
