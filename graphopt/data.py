@@ -208,7 +208,9 @@ class ImagePreprocess:
             if key in ("resize", "crop"):
                 fields[key] = _parse_size(value, key)
             elif key in ("mean", "std"):
-                lists[key] = [_parse_float(v, key) for v in value.split("/") if v.strip()]
+                # Lists as 0.5,0.5,0.5 (bare numbers continue), 0.5/0.5/0.5 or 0.5|0.5|0.5.
+                parts = value.replace("|", "/").split("/")
+                lists[key] = [_parse_float(v, key) for v in parts if v.strip()]
             elif key == "scale":
                 fields["scale"] = _parse_fraction(value)
             elif key == "layout":

@@ -20,16 +20,27 @@ from graphopt.runtime import LatencyStats
 class RunReport:
     """Everything `graphopt optimize` reports: inputs, steps, fidelity, latency, files."""
 
-    result: PipelineResult
     model_path: str
-    output_path: str | None
     recipe: dict[str, Any]
     data: dict[str, str | None]
+    result: PipelineResult | None = None
+    output_path: str | None = None
     latency: dict[str, LatencyStats] = field(default_factory=dict)
     output_bytes: int | None = None
     input_bytes: int | None = None
 
+    def renderables(self) -> list[Table]:
+        """What the CLI prints: the per-pass table, latency, the final fidelity."""
+        shown = [self.table()]
+        latency = self.latency_table()
+        if latency is not None:
+            shown.append(latency)
+        if self.result is not None and self.result.fidelity is not None:
+            shown.append(self.result.fidelity.table())
+        return shown
+
     def table(self) -> Table:
+        assert self.result is not None, "the report has no pipeline result yet"
         table = Table(title="graphopt: per-pass report", title_justify="left")
         for column, justify in [
             ("step", "left"),
@@ -70,6 +81,7 @@ class RunReport:
         return table
 
     def to_dict(self) -> dict[str, Any]:
+        assert self.result is not None, "the report has no pipeline result yet"
         final = self.result.fidelity
         return {
             "graphopt_version": __version__,

@@ -480,6 +480,7 @@ def test_preprocess_parse() -> None:
     assert parsed.mean == (0.5, 0.5, 0.5) and parsed.std == (0.2, 0.2, 0.2)
     assert parsed.grayscale is False and parsed.channel_order == "RGB"
     assert ImagePreprocess.parse("gray,mean=0.5").grayscale is True
+    assert ImagePreprocess.parse("mean=0.1|0.2|0.3").mean == (0.1, 0.2, 0.3)
     for bad, match in [
         ("size=3", "Unknown image preprocessing key"),
         ("fancy", "Unknown image preprocessing word"),

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import click
 
-from graphopt.cli.options import data_options, gate_option, parse_gate_args, runtime_options
+from graphopt.cli.options import (
+    DataReader,
+    data_options,
+    gate_option,
+    parse_gate_args,
+    runtime_options,
+)
 
 
 @click.command()
@@ -64,9 +70,7 @@ def optimize(
     gates: tuple[str, ...],
     data_source: str | None,
     val_source: str | None,
-    shapes: tuple[str, ...],
-    labels_key: str,
-    preprocess: str | None,
+    data_reader: DataReader,
     device: str,
     threads: int | None,
     batch_size: int,
@@ -84,6 +88,79 @@ def optimize(
       graphopt optimize models/digits/model.onnx --data models/digits/calib.npz \\
           --val-data models/digits/val.npz -o out/
     """
+    import json
+
+    from graphopt import console
+    from graphopt.context import Context
+    from graphopt.errors import GateFailed
+    from graphopt.model import check_output_path, load_model, model_file_bytes, save_model
+    from graphopt.pipeline import run_pipeline
+    from graphopt.report import RunReport
+    from graphopt.usercode import load_callable
+
+    resolved = _resolve_recipe(recipe, pass_args, gates)
+    if print_recipe:
+        click.echo(resolved.to_yaml(), nl=False)
+        return
+    out_model, out_report = _output_paths(output, model_path)
+    model = load_model(model_path)
+    check_output_path(model, out_model)
+    metric_fn = load_callable(metric, what="metric") if metric else None
+    calib = data_reader.open(data_source, model.input_specs(), seed=seed)
+    val = data_reader.open(val_source, model.input_specs(), seed=seed)
+    if val is None:
+        console.warn(
+            "no --val-data: the optimized model is not compared with the original, and the "
+            "recipe's validation gates are not checked."
+        )
+    report = RunReport(
+        model_path=str(model_path),
+        recipe=resolved.to_dict(),
+        data={
+            "calibration": calib.description if calib else None,
+            "validation": val.description if val else None,
+        },
+        input_bytes=model_file_bytes(model),
+    )
+    with tempfile.TemporaryDirectory(prefix="graphopt-") as workdir:
+        ctx = Context(
+            workdir=Path(workdir),
+            calib_data=calib,
+            val_data=val,
+            device=device,  # type: ignore[arg-type]
+            threads=threads,
+            batch_size=batch_size,
+            seed=seed,
+        )
+        report.result = result = run_pipeline(
+            model, resolved, ctx, metric=metric_fn, on_step=_show_step
+        )
+        if latency_runs > 0:
+            report.latency = _latencies(model_path, result.model, val or calib, ctx, latency_runs)
+        if result.passed:
+            saved = save_model(result.model, out_model)
+            report.output_path = str(saved.path)
+            report.output_bytes = saved.total_bytes()
+        report.write_json(out_report)
+
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        for renderable in report.renderables():
+            console.out.print(renderable)
+    if not result.passed:
+        assert result.fidelity is not None  # only a fidelity report can fail
+        raise GateFailed(
+            f"The optimized model failed its validation gates "
+            f"({'; '.join(result.fidelity.failures)}), so it was not written. "
+            f"The report is in '{out_report}'.",
+            hint="Relax the recipe's gates, or change the passes' options.",
+        )
+    console.err.print(f"wrote {out_model} and {out_report}")
+
+
+def _resolve_recipe(recipe: str | None, pass_args: tuple[str, ...], gates: tuple[str, ...]):
+    """The recipe (default: 'default'), its passes replaced by --pass, its gates by --gate."""
     from graphopt import console
     from graphopt.recipe import inline_recipe, load_recipe
     from graphopt.validate import Gates
@@ -99,26 +176,7 @@ def optimize(
     if gates:
         merged = {**resolved.gates.to_dict(), **parse_gate_args(gates)}
         resolved.gates = Gates.from_mapping(merged, where="--gate")
-    if print_recipe:
-        click.echo(resolved.to_yaml(), nl=False)
-        return
-    _run(
-        model_path=model_path,
-        recipe=resolved,
-        data_source=data_source,
-        val_source=val_source,
-        shapes=shapes,
-        labels_key=labels_key,
-        preprocess=preprocess,
-        device=device,
-        threads=threads,
-        batch_size=batch_size,
-        output=output,
-        metric_spec=metric,
-        latency_runs=latency_runs,
-        seed=seed,
-        as_json=as_json,
-    )
+    return resolved
 
 
 def _output_paths(output: Path, model_path: Path) -> tuple[Path, Path]:
@@ -127,113 +185,15 @@ def _output_paths(output: Path, model_path: Path) -> tuple[Path, Path]:
     return output / model_path.name, output / "report.json"
 
 
-def _run(
-    *,
-    model_path: Path,
-    recipe,
-    data_source: str | None,
-    val_source: str | None,
-    shapes: tuple[str, ...],
-    labels_key: str,
-    preprocess: str | None,
-    device: str,
-    threads: int | None,
-    batch_size: int,
-    output: Path,
-    metric_spec: str | None,
-    latency_runs: int,
-    seed: int,
-    as_json: bool,
-) -> None:
-    import json
-
+def _show_step(step) -> None:
     from graphopt import console
-    from graphopt.context import Context
-    from graphopt.data import ImagePreprocess, open_dataset, parse_shapes
-    from graphopt.errors import GateFailed
-    from graphopt.model import check_output_path, load_model, model_file_bytes, save_model
-    from graphopt.pipeline import StepRecord, run_pipeline
-    from graphopt.report import RunReport
-    from graphopt.usercode import load_callable
 
-    out_model, out_report = _output_paths(output, model_path)
-    model = load_model(model_path)
-    check_output_path(model, out_model)
-    input_bytes = model_file_bytes(model)
-    metric = load_callable(metric_spec, what="metric") if metric_spec else None
-    shape_map = parse_shapes(shapes)
-    image_spec = ImagePreprocess.parse(preprocess) if preprocess else None
-    specs = model.input_specs()
-
-    def dataset(source: str | None):
-        if source is None:
-            return None
-        return open_dataset(
-            source, specs, shapes=shape_map, labels_key=labels_key, preprocess=image_spec, seed=seed
-        )
-
-    calib = dataset(data_source)
-    val = dataset(val_source)
-    if val is None:
-        console.warn(
-            "no --val-data: the optimized model is not compared with the original, and the "
-            "recipe's validation gates are not checked."
-        )
-
-    def show_step(step: StepRecord) -> None:
-        if step.name != "original":
-            state = "changed the model" if step.modified else "left the model unchanged"
-            console.err.print(f"[green]✓[/] {step.name}: {state} in {step.seconds:.2f} s")
-            for warning in step.warnings:
-                console.warn(f"{step.name}: {warning}")
-
-    with tempfile.TemporaryDirectory(prefix="graphopt-") as workdir:
-        ctx = Context(
-            workdir=Path(workdir),
-            calib_data=calib,
-            val_data=val,
-            device=device,  # type: ignore[arg-type]
-            threads=threads,
-            batch_size=batch_size,
-            seed=seed,
-        )
-        result = run_pipeline(model, recipe, ctx, metric=metric, on_step=show_step)
-        report = RunReport(
-            result=result,
-            model_path=str(model_path),
-            output_path=None,
-            recipe=recipe.to_dict(),
-            data={
-                "calibration": calib.description if calib else None,
-                "validation": val.description if val else None,
-            },
-            input_bytes=input_bytes,
-        )
-        if latency_runs > 0:
-            report.latency = _latencies(model_path, result.model, val or calib, ctx, latency_runs)
-        if result.passed:
-            saved = save_model(result.model, out_model)
-            report.output_path = str(saved.path)
-            report.output_bytes = saved.total_bytes()
-        report.write_json(out_report)
-
-    if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2, default=str))
-    else:
-        console.out.print(report.table())
-        latency = report.latency_table()
-        if latency is not None:
-            console.out.print(latency)
-        if result.fidelity is not None:
-            console.out.print(result.fidelity.table())
-    if not result.passed:
-        failures = "; ".join(result.fidelity.failures) if result.fidelity is not None else ""
-        raise GateFailed(
-            f"The optimized model failed its validation gates ({failures}), so it was not "
-            f"written. The report is in '{out_report}'.",
-            hint="Relax the recipe's gates, or change the passes' options.",
-        )
-    console.err.print(f"wrote {out_model} and {out_report}")
+    if step.name == "original":
+        return
+    state = "changed the model" if step.modified else "left the model unchanged"
+    console.err.print(f"[green]✓[/] {step.name}: {state} in {step.seconds:.2f} s")
+    for warning in step.warnings:
+        console.warn(f"{step.name}: {warning}")
 
 
 def _latencies(model_path, final_model, dataset, ctx, runs: int):

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from graphopt.errors import RecipeError
+
+if TYPE_CHECKING:
+    from graphopt.data import Dataset
+    from graphopt.model import TensorSpec
 
 F = Callable[..., Any]
 
@@ -37,29 +43,68 @@ def runtime_options(fn: F) -> F:
     return fn
 
 
+@dataclass(frozen=True)
+class DataReader:
+    """How the command line asked for data sources to be read (--shape, --labels-key,
+    --preprocess); opens any number of sources against one model's inputs."""
+
+    shapes: tuple[str, ...]
+    labels_key: str
+    preprocess: str | None
+
+    def open(
+        self, source: str | None, inputs: Sequence[TensorSpec], *, seed: int
+    ) -> Dataset | None:
+        if source is None:
+            return None
+        from graphopt.data import ImagePreprocess, open_dataset, parse_shapes
+
+        return open_dataset(
+            source,
+            inputs,
+            shapes=parse_shapes(self.shapes),
+            labels_key=self.labels_key,
+            preprocess=ImagePreprocess.parse(self.preprocess) if self.preprocess else None,
+            seed=seed,
+        )
+
+
 def data_options(fn: F) -> F:
-    """--shape, --labels-key, --preprocess: how data sources are read."""
-    fn = click.option(
-        "--preprocess",
-        default=None,
-        metavar="SPEC",
-        help="Image preprocessing for image folders, e.g. "
-        "'resize=256,crop=224,mean=0.485|0.456|0.406,std=0.229|0.224|0.225,layout=NCHW'.",
-    )(fn)
-    fn = click.option(
-        "--labels-key",
-        default="labels",
-        show_default=True,
-        help="Name of the labels array in .npz data.",
-    )(fn)
-    fn = click.option(
-        "--shape",
-        "shapes",
-        multiple=True,
-        metavar="NAME:DIMS",
-        help="Shape for an input with dynamic dims, e.g. image:1x3x224x224 (repeatable).",
-    )(fn)
-    return fn
+    """--shape, --labels-key, --preprocess, handed to the command as one `data_reader`."""
+
+    @functools.wraps(fn)
+    def command(
+        *args: Any, shapes: tuple[str, ...], labels_key: str, preprocess: str | None, **kwargs: Any
+    ) -> Any:
+        reader = DataReader(shapes=shapes, labels_key=labels_key, preprocess=preprocess)
+        return fn(*args, data_reader=reader, **kwargs)
+
+    options = [
+        click.option(
+            "--shape",
+            "shapes",
+            multiple=True,
+            metavar="NAME:DIMS",
+            help="Shape for an input with dynamic dims, e.g. image:1x3x224x224 (repeatable).",
+        ),
+        click.option(
+            "--labels-key",
+            default="labels",
+            show_default=True,
+            help="Name of the labels array in .npz data.",
+        ),
+        click.option(
+            "--preprocess",
+            default=None,
+            metavar="SPEC",
+            help="Image preprocessing for image folders, e.g. "
+            "'resize=256,crop=224,mean=0.485,0.456,0.406,std=0.229,0.224,0.225'.",
+        ),
+    ]
+    decorated: Any = command
+    for add_option in reversed(options):
+        decorated = add_option(decorated)
+    return decorated
 
 
 def gate_option(fn: F) -> F:

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import click
 
-from graphopt.cli.options import data_options, gate_option, parse_gate_args, runtime_options
+from graphopt.cli.options import (
+    DataReader,
+    data_options,
+    gate_option,
+    parse_gate_args,
+    runtime_options,
+)
 
 
 @click.command()
@@ -24,9 +30,7 @@ def validate(
     reference_path: Path,
     candidate_path: Path,
     data_source: str,
-    shapes: tuple[str, ...],
-    labels_key: str,
-    preprocess: str | None,
+    data_reader: DataReader,
     device: str,
     threads: int | None,
     batch_size: int,
@@ -42,7 +46,6 @@ def validate(
     import tempfile
 
     from graphopt import console
-    from graphopt.data import ImagePreprocess, open_dataset, parse_shapes
     from graphopt.errors import GateFailed
     from graphopt.model import load_model
     from graphopt.usercode import load_callable
@@ -51,14 +54,8 @@ def validate(
     gate_values = Gates.from_mapping(parse_gate_args(gates), where="--gate")
     reference = load_model(reference_path)
     candidate = load_model(candidate_path)
-    dataset = open_dataset(
-        data_source,
-        reference.input_specs(),
-        shapes=parse_shapes(shapes),
-        labels_key=labels_key,
-        preprocess=ImagePreprocess.parse(preprocess) if preprocess else None,
-        seed=seed,
-    )
+    dataset = data_reader.open(data_source, reference.input_specs(), seed=seed)
+    assert dataset is not None  # --data is required
     metric_fn = load_callable(metric, what="metric") if metric else None
     with tempfile.TemporaryDirectory(prefix="graphopt-") as workdir:
         report = compare(
