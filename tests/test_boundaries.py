@@ -13,6 +13,7 @@ PROBE = """
 import importlib, pkgutil, sys
 sys.modules["onnxruntime"] = None   # makes `import onnxruntime` raise ImportError
 sys.modules["tensorrt"] = None
+import graphopt
 names = [m.name for m in pkgutil.walk_packages(graphopt.__path__, "graphopt.")]
 import graphopt.passes
 names += [m.name for m in pkgutil.walk_packages(graphopt.passes.__path__, "graphopt.passes.")]
