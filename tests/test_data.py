@@ -50,7 +50,7 @@ def gather(dataset, batch_size: int) -> tuple[list[int], dict[str, np.ndarray], 
 @pytest.fixture
 def warnings(monkeypatch) -> list[str]:
     seen: list[str] = []
-    monkeypatch.setattr(data_mod, "warn", seen.append)
+    monkeypatch.setattr(data_mod.source, "warn", seen.append)
     return seen
 
 
@@ -79,13 +79,13 @@ def test_npz_reads_rows_lazily_not_whole_arrays(tmp_path: Path, monkeypatch) -> 
     np.savez(path, x=samples(100))
     dataset = open_dataset(path, X)
     requested: list[int] = []
-    original = data_mod._StreamColumn.read
+    original = data_mod.npyformat.StreamColumn.read
 
     def spy(self, n):
         requested.append(n)
         return original(self, n)
 
-    monkeypatch.setattr(data_mod._StreamColumn, "read", spy)
+    monkeypatch.setattr(data_mod.npyformat.StreamColumn, "read", spy)
     first = next(iter(dataset.batches(8)))
     assert first.size == 8
     assert requested == [8]
