@@ -497,3 +497,11 @@ def test_preprocess_ignored_for_arrays_warns(tmp_path: Path, warnings: list[str]
     np.savez(tmp_path / "d.npz", x=samples(1))
     open_dataset(tmp_path / "d.npz", X, preprocess=ImagePreprocess())
     assert any("ignored" in w for w in warnings)
+
+
+def test_scalar_input_is_refused_with_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "d.npz"
+    np.savez(path, s=np.ones(4, np.float32))
+    for source in (path, "random"):
+        with pytest.raises(DataError, match="'s' is a scalar"):
+            open_dataset(source, [spec("s", ())])

@@ -91,7 +91,7 @@ def input_rules(inputs: Sequence[TensorSpec], shapes: Mapping[str, tuple[int, ..
         given = shapes.get(spec.name)
         if given is not None:
             dims = _merge_shape(spec, given)
-        elif dims is not None:
+        elif dims:
             dims = (dims[0], *(symbols.get(d, d) if isinstance(d, str) else d for d in dims[1:]))
         if dims is not None and len(dims) == 0:
             raise DataError(
