@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.context import Context
+from graphopt.errors import GraphoptError
 from graphopt.model import Model, load_model, save_model
 from graphopt.passes.base import PassResult, build_options, get_pass
 from graphopt.passes.cleanup import CleanupOptions, CleanupPass
@@ -505,3 +507,18 @@ def test_custom_domain_nodes_and_their_opset_stay(tmp_path: Path) -> None:
     assert _ops(cleaned)["Mystery"] == 2
     assert {o.domain for o in cleaned.opset_import} == {"", "com.example"}
     assert _signature(cleaned) == _signature(original)
+
+
+def test_missing_onnxscript_folder_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If onnxscript drops its private FoldConstantsPass, folding says so; the rest runs."""
+    from onnxscript.optimizer import _constant_folding
+
+    monkeypatch.delattr(_constant_folding, "FoldConstantsPass")
+    monkeypatch.delitem(sys.modules, "graphopt.passes.cleanup.bounded_folder", raising=False)
+    with pytest.raises(GraphoptError, match="FoldConstantsPass") as raised:
+        _cleanup(models.constant_subgraph(), tmp_path / "fold")
+    assert "fold_constants: false" in raised.value.paragraph()
+    _, result, _ = _cleanup(models.small_cnn(), tmp_path / "nofold", fold_constants=False)
+    assert result.stats["batchnorms_folded"] == 5
