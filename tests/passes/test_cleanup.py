@@ -522,3 +522,45 @@ def test_missing_onnxscript_folder_is_a_clear_error(
     assert "fold_constants: false" in raised.value.paragraph()
     _, result, _ = _cleanup(models.small_cnn(), tmp_path / "nofold", fold_constants=False)
     assert result.stats["batchnorms_folded"] == 5
+
+
+def test_dedup_merges_equal_large_weights_and_leaves_near_twins(tmp_path: Path) -> None:
+    """Large weights equal at both ends but different in the middle must not be merged;
+    external weights read only for the comparison are unmapped again afterwards."""
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((256, 512)).astype(np.float32)  # 512 KiB: beyond the edges
+    twin = base.copy()
+    twin[128, 256] += 1.0  # same first and last 64 KiB, different middle
+    weights = {"w_a": base, "w_b": base.copy(), "w_twin": twin}
+    nodes = [
+        helper.make_node("MatMul", ["x", name], [f"y_{name}"], name=f"mm_{name}")
+        for name in weights
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "dedup",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 256])],
+        [helper.make_tensor_value_info(f"y_{n}", TensorProto.FLOAT, [2, 512]) for n in weights],
+        [numpy_helper.from_array(w, n) for n, w in weights.items()],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 9
+    folder = tmp_path / "ext"
+    folder.mkdir()
+    onnx.save(
+        onnx.ModelProto.FromString(proto.SerializeToString()),
+        os.fspath(folder / "model.onnx"),
+        save_as_external_data=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
+    model = load_model(folder / "model.onnx")
+    result = CleanupPass().run(model, Context(workdir=tmp_path))
+    assert result.stats["initializers_deduplicated"] == 1
+    assert sorted(model.graph.initializers) == ["w_a", "w_twin"]
+    for value in model.graph.initializers.values():
+        assert value.const_value.raw is None, f"{value.name} was left memory-mapped"
+    saved = save_model(model, tmp_path / "out" / "model.onnx")
+    x = {"x": rng.standard_normal((2, 256)).astype(np.float32)}
+    for got, want in zip(_ort(saved.path, x), _ort(proto, x), strict=True):
+        np.testing.assert_array_equal(got, want)
