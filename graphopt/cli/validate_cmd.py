@@ -24,6 +24,19 @@ from graphopt.cli.options import (
 @runtime_options
 @gate_option
 @click.option("--metric", default=None, metavar="MODULE:FUNCTION", help="Your accuracy metric.")
+@click.option(
+    "--per-layer",
+    is_flag=True,
+    help="Also compare every intermediate tensor the two models share, to find where the "
+    "candidate departs.",
+)
+@click.option(
+    "--per-layer-limit",
+    type=click.IntRange(min=1),
+    default=30,
+    show_default=True,
+    help="With --per-layer, show only this many worst tensors when there are more.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random data.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def validate(
@@ -36,6 +49,8 @@ def validate(
     batch_size: int,
     gates: tuple[str, ...],
     metric: str | None,
+    per_layer: bool,
+    per_layer_limit: int,
     seed: int,
     as_json: bool,
 ) -> None:
@@ -69,9 +84,33 @@ def validate(
             metric=metric_fn,
             workdir=Path(workdir),
         )
+        layers = None
+        if per_layer:
+            from graphopt.layerwise import compare_layers
+
+            layers = compare_layers(
+                reference,
+                candidate,
+                dataset,
+                batch_size=batch_size,
+                device=device,
+                threads=threads,
+                workdir=Path(workdir),
+            )
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2, default=str))
+        data = report.to_dict()
+        if layers is not None:
+            data["per_layer"] = layers.to_dict()
+        click.echo(json.dumps(data, indent=2, default=str))
     else:
         console.out.print(report.table())
+        if layers is not None:
+            console.out.print(layers.table(limit=per_layer_limit))
+            first = layers.first_departure(0.999)
+            if first is not None:
+                console.out.print(
+                    f"first tensor below cosine 0.999 (in graph order): '{first.tensor}' "
+                    f"({first.op_type} node '{first.node}')"
+                )
     if not report:
         raise GateFailed("Validation failed: " + "; ".join(report.failures) + ".")
