@@ -23,6 +23,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common as ir_passes
 from rich.table import Table
 
+from graphopt.console import track
 from graphopt.data import Dataset
 from graphopt.model import Model, load_model
 from graphopt.validate import FidelityAccumulator, OutputFidelity
@@ -124,7 +125,8 @@ def compare_layers(
     matched, unmatched = _shared_tensors(ref_model, cand_model)
     layers: list[LayerFidelity] = []
     samples = 0
-    for group in _groups(matched, group_size):
+    groups = list(_groups(matched, group_size))
+    for number, group in enumerate(groups, start=1):
         names = [tensor for tensor, _, _ in group]
         ref_session = create_session(
             ref_model, device=device, threads=threads, extra_outputs=names, workdir=workdir
@@ -133,7 +135,12 @@ def compare_layers(
             cand_model, device=device, threads=threads, extra_outputs=names, workdir=workdir
         )
         accumulator = FidelityAccumulator(names)
-        for batch in dataset.batches(batch_size):
+        batches = track(
+            dataset.batches(batch_size),
+            total=dataset.num_batches(batch_size),
+            description=f"per-layer, group {number}/{len(groups)}",
+        )
+        for batch in batches:
             feeds = {name: batch.feeds[name] for name in ref_session.input_names}
             ref_values = ref_session.run(feeds, names)
             cand_feeds = {name: batch.feeds[name] for name in cand_session.input_names}
