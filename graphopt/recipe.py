@@ -42,6 +42,16 @@ BUILTIN_RECIPES: dict[str, dict[str, Any]] = {
         "passes": ["cleanup"],
         "validation": {"min_cosine": 0.99999},
     },
+    "trt-int8": {
+        "description": "int8 Q/DQ placed for TensorRT (symmetric, zero points 0), after cleanup",
+        "passes": ["cleanup", {"quantize": {"target": "tensorrt"}}],
+        "validation": {"min_cosine": 0.99},
+    },
+    "ort-int8": {
+        "description": "int8 Q/DQ that ONNX Runtime's CPU provider fuses into integer kernels",
+        "passes": ["cleanup", {"quantize": {"target": "ort-cpu"}}],
+        "validation": {"min_cosine": 0.99},
+    },
 }
 
 _TOP_LEVEL_KEYS = {"description", "passes", "validation"}

@@ -1,0 +1,239 @@
+"""Quantize: QuantizeLinear/DequantizeLinear (QDQ) nodes placed for a target runtime, with
+activation scales calibrated on data and weights quantized per output channel.
+
+Targets (placement profiles):
+
+- ``tensorrt``: NVIDIA's explicit-quantization rules (`tensorrt` module): int8 symmetric,
+  zero point 0, per-tensor activations at the inputs of Conv/ConvTranspose/Gemm/MatMul,
+  int8 weights with per-output-channel scales, the skip input of a residual Add, shared
+  scales around Concat. The result is checked against TensorRT's constraints (`trtcheck`);
+  a violation fails the pass, naming the node.
+- ``ort-cpu``: the QDQ patterns ONNX Runtime's CPU provider fuses into integer kernels
+  (`ortcpu` module): uint8 activations with zero points, int8 per-channel weights, int32
+  biases, outputs quantized where the fused kernel needs it (QLinearConv, QLinearMatMul,
+  MatMulIntegerToFloat, QGemm, QLinearAdd, QLinearConcat, ...).
+
+Which ops are left in float, and why, is decided in `sites` (reason codes ``user``,
+``small-channels``, ``GEMV``, ``attention``, ``LayerNorm``, ``GELU``, ...) and listed in the
+pass's stats. Ops that already read quantized inputs are left alone, so a second run changes
+nothing. Models below opset 13 are raised to 13 when every op keeps its meaning there
+(`opset`), otherwise the pass fails and says which nodes stand in the way.
+
+Modules: `sites` (which compute ops, exclusions), `plan` (the placement data), `tensorrt` and
+`ortcpu` (the profiles), `ranges` (calibration), `qparams` (the numbers), `insert` (the
+rewrite), `trtcheck` (TensorRT's constraints), `opset`, `graphutil` (IR helpers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import onnx_ir as ir
+from onnx_ir.passes import common as ir_passes
+
+from graphopt.context import Context
+from graphopt.errors import GraphoptError, PassFailed
+from graphopt.model import Model
+from graphopt.passes.base import Pass, PassResult, option, register_pass
+from graphopt.passes.quantize import insert, opset, ranges
+from graphopt.passes.quantize.ortcpu import plan_ortcpu
+from graphopt.passes.quantize.plan import Plan
+from graphopt.passes.quantize.sites import (
+    Excluder,
+    Selection,
+    exclusion_counts,
+    parse_exclude,
+    select,
+)
+from graphopt.passes.quantize.tensorrt import plan_tensorrt
+from graphopt.passes.quantize.trtcheck import MIN_OPSET, check_tensorrt
+
+#: The calibrator when none is named; see QuantizeOptions.calibrator.
+DEFAULT_CALIBRATOR = "minmax"
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantizeOptions:
+    """How to quantize, for which runtime, and what to leave in float."""
+
+    precision: Literal["int8"] = option(
+        "int8", "number format: int8 (weights and activations); fp8 and int4 are planned"
+    )
+    calibrator: Literal["minmax", "percentile", "entropy", "mse"] = option(
+        DEFAULT_CALIBRATOR,
+        "how activation ranges are chosen from the calibration data",
+    )
+    target: Literal["tensorrt", "ort-cpu"] = option(
+        "tensorrt",
+        "placement profile: tensorrt (symmetric int8, zero points 0, TensorRT's fusions) or "
+        "ort-cpu (uint8 activations, ONNX Runtime's CPU integer kernels)",
+    )
+    samples: int = option(256, "calibration samples used (the first N)", range=(1, None))
+    percentile: float = option(
+        99.99, "percentile of the values kept by calibrator=percentile", range=(50.0, 100.0)
+    )
+    exclude: tuple[str, ...] = option(
+        (), "ops left in float: node names, 're:<regex>' on names, or 'op:<OpType>'"
+    )
+    per_channel: bool = option(
+        True, "one weight scale per output channel (else one per weight tensor)"
+    )
+    min_channels: int = option(
+        16,
+        "leave in float Conv/Gemm/MatMul with fewer output channels, or shorter dot products, "
+        "than this",
+        range=(1, None),
+    )
+    quantize_attention: bool = option(
+        False, "also quantize MatMuls of two activations (the attention core)"
+    )
+
+    def __post_init__(self) -> None:
+        for entry in self.exclude:
+            parse_exclude(entry)
+
+
+def _infer_types_and_shapes(m: ir.Model) -> Callable[[], None]:
+    """Annotate values with inferred types and shapes (GEMV detection and float checks need
+    them); returns a function that takes the annotations back. Graph inputs and outputs
+    keep their declared types and shapes either way: they are the model's contract."""
+    values = [*m.graph.inputs, *m.graph.outputs]
+    values += [out for node in ir.traversal.RecursiveGraphIterator(m.graph) for out in node.outputs]
+    saved = {id(v): (v, v.type, None if v.shape is None else v.shape.copy()) for v in values}
+
+    def restore(which: list[ir.Value]) -> None:
+        for value in which:
+            _, type_, shape = saved[id(value)]
+            value.type, value.shape = type_, shape
+
+    ir_passes.ShapeInferencePass(check_type=False, strict_mode=False)(m)
+    restore([*m.graph.inputs, *m.graph.outputs])
+    return lambda: restore([value for value, _, _ in saved.values()])
+
+
+@register_pass
+class QuantizePass(Pass[QuantizeOptions]):
+    """Inserts QuantizeLinear/DequantizeLinear nodes calibrated on `--data`.
+
+    Changes: weights of quantized ops become int8 initializers behind DequantizeLinear;
+    activations get QuantizeLinear -> DequantizeLinear pairs; models below opset 13 are raised
+    to 13. Preserves: graph input/output names, types and shapes; ops left in float.
+    Lossy: validate afterwards (the `trt-int8` and `ort-int8` recipes gate on cosine).
+    """
+
+    name = "quantize"
+    options_type = QuantizeOptions
+    summary = "insert calibrated int8 Q/DQ nodes placed for TensorRT or ONNX Runtime's CPU"
+
+    def run(self, model: Model, ctx: Context) -> PassResult:
+        opts = self.options
+        if ctx.calib_data is None:
+            raise GraphoptError(
+                "The quantize pass needs calibration data to choose activation scales, and "
+                "none was given.",
+                hint="Pass --data with a few hundred representative inputs (an .npz keyed by "
+                "input name, a folder of arrays or images); --data random runs but gives "
+                "meaningless scales.",
+            )
+        m = model.ir
+        forget_inferred = _infer_types_and_shapes(m)
+        excluder = Excluder(opts.exclude)
+        selection = select(
+            m.graph,
+            target=opts.target,
+            excluder=excluder,
+            min_channels=opts.min_channels,
+            quantize_attention=opts.quantize_attention,
+        )
+        if opts.target == "tensorrt":
+            plan = plan_tensorrt(m.graph, selection, excluder)
+        else:
+            plan = plan_ortcpu(m.graph, selection, excluder)
+        warnings = [f"exclude entry '{entry}' matched no node" for entry in excluder.unused()]
+        stats = self._stats(selection, plan)
+        if plan.is_empty():
+            forget_inferred()  # leave the model exactly as it came
+            return PassResult(modified=False, stats=stats, warnings=warnings)
+        self._ensure_opset(model, stats)
+        measured = ranges.collect(
+            model,
+            ctx,
+            plan.range_tensors(),
+            method=opts.calibrator,
+            symmetric=plan.symmetric,
+            percentile=opts.percentile,
+            samples=opts.samples,
+        )
+        try:
+            inserted = insert.apply(m.graph, plan, measured, per_channel=opts.per_channel)
+        except insert.MissingRange as exc:
+            raise PassFailed(
+                f"Calibration measured no range for every tensor to quantize ({exc}).",
+                pass_name=self.name,
+            ) from exc
+        ir_passes.TopologicalSortPass()(m)
+        stats.update(
+            quantize_linear=inserted.quantize_linear,
+            dequantize_linear=inserted.dequantize_linear,
+            weights_quantized=inserted.weights,
+            biases_quantized=inserted.biases,
+        )
+        if opts.target == "tensorrt":
+            self._check_tensorrt(model)
+        return PassResult(modified=True, stats=stats, warnings=warnings)
+
+    def _stats(self, selection: Selection, plan: Plan) -> dict[str, Any]:
+        opts = self.options
+        return {
+            "target": opts.target,
+            "precision": opts.precision,
+            "calibrator": opts.calibrator,
+            "quantized_nodes": len(plan.sites),
+            "quantized_tensors": len(plan.readers),
+            "quantize_linear": 0,
+            "dequantize_linear": 0,
+            "weights_quantized": 0,
+            "biases_quantized": 0,
+            "already_quantized": selection.already_quantized,
+            "excluded_count": len(selection.excluded),
+            "excluded_by_reason": exclusion_counts(selection.excluded),
+            "excluded": [item.to_dict() for item in selection.excluded],
+        }
+
+    def _ensure_opset(self, model: Model, stats: dict[str, Any]) -> None:
+        current = opset.default_opset(model.ir)
+        if current >= MIN_OPSET:
+            return
+        stopped = opset.blockers(model.ir, MIN_OPSET)
+        if stopped:
+            shown = "; ".join(stopped[:5]) + (
+                f"; and {len(stopped) - 5} more" if len(stopped) > 5 else ""
+            )
+            raise PassFailed(
+                f"The model uses opset {current}, and per-channel quantization needs opset "
+                f"{MIN_OPSET}, but raising it would change these ops: {shown}.",
+                pass_name=self.name,
+                node=stopped[0].split(" (")[0],
+                hint="Re-export the model at opset 13 or newer (or convert it with "
+                "onnx.version_converter) and run again.",
+            )
+        opset.raise_opset(model.ir, MIN_OPSET)
+        stats["opset_raised_from"] = current
+
+    def _check_tensorrt(self, model: Model) -> None:
+        violations = check_tensorrt(model.ir)
+        if not violations:
+            return
+        shown = "; ".join(str(v) for v in violations[:5])
+        more = f"; and {len(violations) - 5} more" if len(violations) > 5 else ""
+        raise PassFailed(
+            f"The quantized model breaks TensorRT's explicit-quantization rules at node "
+            f"'{violations[0].node}': {shown}{more}.",
+            pass_name=self.name,
+            node=violations[0].node,
+            hint="Q/DQ nodes that were in the model before this pass must be symmetric int8 "
+            "with zero points 0 and per-channel scales only on weights; fix or remove them, "
+            "or use target=ort-cpu.",
+        )

@@ -1,0 +1,130 @@
+"""The `ort-cpu` placement profile: the QDQ patterns ONNX Runtime's CPU provider fuses into
+integer kernels (its QDQ selectors, onnxruntime/core/optimizer/qdq_transformer).
+
+U8S8: activations uint8 with a zero point (asymmetric), weights int8 symmetric per channel,
+biases int32 with scale = input scale x weight scale (x alpha for Gemm).
+
+- Conv: DQ(x), DQ(w), DQ(b) -> Conv -> Q(y) becomes QLinearConv, so a Conv's output is
+  quantized too. When a Relu (or Clip) is the Conv's only reader, the Relu's output is
+  quantized instead: ORT drops a Relu made redundant by the Q after it.
+- MatMul / Gemm: DQ(a), DQ(b) -> MatMul becomes MatMulIntegerToFloat, or QLinearMatMul when
+  the output is quantized as well; Gemm becomes QGemm (bias only when beta is 1).
+- The int8 region then grows from those ops, to a fixed point:
+  - ops that only move data (MaxPool, Reshape, Transpose, Flatten, Squeeze, Unsqueeze, Slice,
+    Expand, Gather, Tile, Resize): input and output share one scale (forwards and backwards),
+    so ORT drops their Q/DQ and moves int8 data;
+  - AveragePool, GlobalAveragePool, LeakyRelu, Sigmoid with a quantized input get a quantized
+    output (QLinear* kernels);
+  - Add, Mul (QLinearAdd, QLinearMul) and Concat (QLinearConcat) with at least one quantized
+    input, and only run-time float inputs, get every input and the output quantized (after a
+    following Relu, as for Conv).
+- Every reader of a quantized tensor reads the dequantized value (ORT's fusions need the
+  producer to feed only Q), except ops the user excluded, which keep reading the float value.
+  Graph outputs are never quantized.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from graphopt.passes.quantize.graphutil import already_quantized, float_activation, is_onnx_op
+from graphopt.passes.quantize.plan import Plan
+from graphopt.passes.quantize.sites import Excluder, Selection
+
+_DATA_MOVEMENT = frozenset(
+    {
+        "MaxPool",
+        "Reshape",
+        "Transpose",
+        "Flatten",
+        "Squeeze",
+        "Unsqueeze",
+        "Slice",
+        "Expand",
+        "Gather",
+        "Tile",
+        "Resize",
+    }
+)
+_UNARY = frozenset({"AveragePool", "GlobalAveragePool", "LeakyRelu", "Sigmoid"})
+_MULTI_INPUT = frozenset({"Add", "Mul", "Concat"})
+_RELU_LIKE = frozenset({"Relu", "Clip"})
+
+
+def plan_ortcpu(graph: ir.Graph, selection: Selection, excluder: Excluder) -> Plan:
+    """Q/DQ placement for ONNX Runtime's CPU integer kernels."""
+    plan = Plan(symmetric=False, quantize_bias=True)
+    plan.float_readers = {node for node in graph if excluder.matches(node)}
+    for site in selection.sites:
+        plan.sites.append(site)
+        for index in site.activations:
+            value = site.node.inputs[index]
+            assert value is not None
+            plan.add(value)
+        if site.node.op_type == "Conv":
+            output = _after_relu(site.node.outputs[0])
+            if _quantizable(output):
+                plan.add(output)
+    nodes = [node for node in graph if node.domain in ("", "ai.onnx")]
+    nodes = [node for node in nodes if node not in plan.float_readers]
+    changed = True
+    while changed:
+        changed = False
+        for node in nodes:
+            changed |= _grow(node, plan)
+    return plan
+
+
+def _grow(node: ir.Node, plan: Plan) -> bool:
+    op = node.op_type
+    if not node.inputs or node.inputs[0] is None or not node.outputs:
+        return False
+    x, y = node.inputs[0], node.outputs[0]
+    if op in _DATA_MOVEMENT:
+        if x.name in plan and _quantizable(y) and y.name not in plan:
+            plan.add(y)
+            plan.share(x.name, y.name)  # type: ignore[arg-type]
+            return True
+        if y.name in plan and _quantizable(x) and x.name not in plan:
+            plan.add(x)
+            plan.share(y.name, x.name)  # type: ignore[arg-type]
+            return True
+        return False
+    if op in _UNARY:
+        if x.name in plan and _quantizable(y) and y.name not in plan:
+            return plan.add(y)
+        return False
+    if op in _MULTI_INPUT:
+        inputs = [v for v in node.inputs if v is not None]
+        if not any(v.name in plan for v in inputs):
+            return False
+        if not all(_quantizable(v) for v in inputs):
+            return False
+        output = _after_relu(y) if op != "Concat" else y
+        if not _quantizable(output):
+            return False
+        changed = False
+        for value in [*inputs, output]:
+            changed |= value.name not in plan and plan.add(value)
+        return changed
+    return False
+
+
+def _after_relu(value: ir.Value) -> ir.Value:
+    """The output of a Relu/Clip that is `value`'s only reader, else `value` itself."""
+    uses = list(value.uses())
+    if len(uses) != 1 or value.is_graph_output():
+        return value
+    user, _ = uses[0]
+    if is_onnx_op(user, *_RELU_LIKE) and user.outputs:
+        return user.outputs[0]
+    return value
+
+
+def _quantizable(value: ir.Value | None) -> bool:
+    """A run-time float tensor, not yet quantized, not a graph output. Untyped values count
+    as float: every op here has one type for the inputs and outputs it connects, and one of
+    them is float (a compute op's input or output, or an already planned tensor)."""
+    if value is None or not float_activation(value, assume_float=True):
+        return False
+    return not already_quantized(value) and not value.is_graph_output()
