@@ -1,1 +1,38 @@
-"""Streaming statistics collectors and range calibrators (used by the quantize pass)."""
+"""Streaming statistics collectors and range calibrators (used by the quantize pass).
+
+    ranges = calibrate(model, dataset, ["conv1_out", "relu2_out"], method="entropy")
+    scale = ranges["conv1_out"].amax() / 127
+
+Four methods: `minmax`, `percentile`, `entropy` (TensorRT's KL search) and `mse`. Statistics
+are reduced inside the graph where possible and streamed, so memory does not grow with the
+number of samples; the histogram methods take two passes over fixed-edge histograms, so
+ranges do not depend on the batch size. Data comes as a graphopt `Dataset` or through ONNX
+Runtime's `CalibrationDataReader` protocol (`dataset_from_reader`); a `CalibrationCache`
+serves ranges computed before without running ONNX Runtime.
+
+Modules (everything but this file's names is internal):
+
+- `ranges`: `TensorRange`, `Method`, `CalibrationError`.
+- `calibrate`: the two passes.
+- `reduce`: the tensors checked, and pass one (ReduceMin/ReduceMax in the graph).
+- `histogram`: fixed-edge histograms and the percentile, entropy and mse thresholds.
+- `datasets`: the first n samples of a dataset, and ONNX Runtime's data readers.
+- `cache`: the cache and its keys (model fingerprints, data hashes).
+"""
+
+from graphopt.calibration.cache import CalibrationCache
+from graphopt.calibration.calibrate import DEFAULT_BATCH_BYTES, calibrate
+from graphopt.calibration.datasets import CalibrationDataReader, dataset_from_reader
+from graphopt.calibration.ranges import METHODS, CalibrationError, Method, TensorRange
+
+__all__ = [
+    "DEFAULT_BATCH_BYTES",
+    "METHODS",
+    "CalibrationCache",
+    "CalibrationDataReader",
+    "CalibrationError",
+    "Method",
+    "TensorRange",
+    "calibrate",
+    "dataset_from_reader",
+]

@@ -1,0 +1,301 @@
+"""Fixed-edge histograms, and the thresholds the histogram methods read from them.
+
+A `Histogram` has its edges fixed before any data arrives (from the global range of pass
+one), and counts values with `np.bincount` on computed bin indices. A value's bin depends
+only on the value, and counts are integers, so the counts (and every threshold read from
+them) are identical however the data is cut into batches or chunks.
+
+The thresholds are pure functions of the counts:
+
+- `percentile_value`: the value below which a fraction of the counted values lie,
+  interpolated linearly inside the bin where that fraction is reached.
+- `entropy_bins`: TensorRT's KL-divergence search (Migacz, "8-bit Inference with TensorRT",
+  GTC 2017), vectorised: O(levels) per candidate threshold through prefix sums.
+- `mse_bins`: the clip threshold that minimises the expected squared error of symmetric
+  int8 quantization (clipping plus rounding), with values taken as uniform inside each bin.
+
+Each takes 10-20 ms for 2048 bins on one core.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Values are binned this many at a time, so temporaries stay small (a few MiB) whatever the
+# size of the tensor.
+CHUNK_ELEMENTS = 1 << 18
+# Candidates are scored in blocks of about this many (candidate, bin) cells.
+BLOCK_CELLS = 1 << 16  # 512 KiB of float64: fits in a core's L2 cache
+QUANT_LEVELS = 128  # int8 levels on one side (TensorRT's 128 quantized bins)
+INT8_QMAX = 127  # symmetric int8 quantizes to -127..127
+MIN_BINS = QUANT_LEVELS
+_TOP_ONE = 1 << 24  # fixed-point unit of positions inside the last bin
+
+
+class Histogram:
+    """Counts of values in `bins` equal bins over [low, high].
+
+    With `absolute`, |x| is counted (low is then 0). Values outside [low, high] land in the
+    first or last bin; non-finite values are counted apart in `nonfinite`.
+
+    With `track_top`, the mean position of the values inside the last bin is kept too
+    (`top_position`): a saturating activation (ReLU6, tanh, sigmoid) piles its values up
+    at one point there, and the mse method treats them as the point mass they are rather
+    than spread over the bin. Positions are summed in fixed point, so the sum, too, does
+    not depend on the order the values come in.
+    """
+
+    def __init__(
+        self, low: float, high: float, bins: int, *, absolute: bool, track_top: bool = False
+    ) -> None:
+        if not (np.isfinite(low) and np.isfinite(high) and high > low):
+            raise ValueError(f"A histogram needs finite low < high, got [{low}, {high}].")
+        if bins < 1:
+            raise ValueError(f"A histogram needs at least one bin, got {bins}.")
+        self.low = float(low)
+        self.high = float(high)
+        self.bins = int(bins)
+        self.absolute = absolute
+        self.width = (self.high - self.low) / self.bins
+        self.counts = np.zeros(self.bins, dtype=np.int64)
+        self.nonfinite = 0
+        self.track_top = track_top
+        self._top_fixed = 0  # sum of (position - (bins - 1)) * _TOP_ONE over the last bin
+        # float32 data is binned in float32 (half the memory traffic); the scale is rounded
+        # once, so a value's bin is still a fixed function of the value.
+        self._scale64 = self.bins / (self.high - self.low)
+
+    def add(self, values: np.ndarray) -> None:
+        """Count every element of `values` (any shape, any float dtype)."""
+        flat = np.asarray(values).reshape(-1)
+        work = np.float32 if flat.dtype in (np.float32, np.float16) else np.float64
+        scale = work(self._scale64)
+        low = work(self.low)
+        top = self.bins - 1
+        for start in range(0, flat.size, CHUNK_ELEMENTS):
+            part = flat[start : start + CHUNK_ELEMENTS].astype(work)
+            if self.absolute:
+                np.abs(part, out=part)
+            finite = np.isfinite(part)
+            if not finite.all():
+                self.nonfinite += int(part.size - np.count_nonzero(finite))
+                part = part[finite]
+            if low:
+                np.subtract(part, low, out=part)
+            np.multiply(part, scale, out=part)
+            if self.track_top:
+                inside = np.clip(part[part >= top] - top, 0.0, 1.0)
+                self._top_fixed += int(np.rint(inside * _TOP_ONE).astype(np.int64).sum())
+            np.clip(part, 0, top, out=part)
+            self.counts += np.bincount(part.astype(np.intp), minlength=self.bins)
+
+    @property
+    def top_position(self) -> float | None:
+        """Mean position of the last bin's values, in bins from `low` (in [bins - 1, bins]);
+        None unless tracked and the bin holds values."""
+        if not self.track_top or not self.counts[-1]:
+            return None
+        return self.bins - 1 + self._top_fixed / _TOP_ONE / float(self.counts[-1])
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+    def edge(self, index: float) -> float:
+        """The value at (fractional) bin position `index`: low + index * width."""
+        return self.low + index * self.width
+
+
+# ---------------------------------------------------------------------------- percentile
+
+
+def percentile_value(hist: Histogram, fraction: float) -> float:
+    """The value below which `fraction` (0..1) of the counted values lie.
+
+    Values are taken as spread evenly inside each bin, so the result moves linearly inside
+    the bin where the cumulative count reaches ``fraction * total``.
+    """
+    counts = hist.counts
+    total = int(counts.sum())
+    if total == 0:
+        return hist.low
+    cumulative = np.cumsum(counts)
+    target = min(max(fraction, 0.0), 1.0) * total
+    index = int(np.searchsorted(cumulative, target, side="left"))
+    index = min(index, hist.bins - 1)
+    before = float(cumulative[index - 1]) if index else 0.0
+    inside = float(counts[index])
+    within = (target - before) / inside if inside else 0.0
+    return hist.edge(index + min(max(within, 0.0), 1.0))
+
+
+# ---------------------------------------------------------------------------- entropy
+
+
+def entropy_bins(counts: np.ndarray, levels: int = QUANT_LEVELS) -> int:
+    """TensorRT's calibration: the number of bins i (levels..len(counts)) whose right edge
+    is the threshold with the least KL divergence KL(P || Q).
+
+    As in NVIDIA's pytorch-quantization, the first bin is first given the count of the
+    second: it holds the exact zeros of ReLU outputs, a spike that would otherwise decide
+    the search. Then, for each candidate i:
+
+    - P is counts[:i] with the counts of bins i.. (the outliers the threshold clips) added
+      to bin i-1;
+    - Q is counts[:i] merged into `levels` groups, bin j into group floor(j * levels / i)
+      (as `levels` even quantization steps over [0, i) would), each group's count spread
+      evenly over the group's bins where P is non-zero;
+    - both are normalised, and KL = sum over P > 0 of p * log(p / q), with q floored at
+      1e-12 where P has mass that Q lacks (outliers folded into an empty bin).
+
+    Q is constant over each group, so KL = sum p log p - sum over groups of P_g log q_g:
+    prefix sums make that O(levels) per candidate. Ties go to the largest i (least
+    clipping), as in pytorch-quantization.
+
+    Raises:
+        ValueError: fewer bins than levels, or no counts at all.
+    """
+    h = np.asarray(counts, dtype=np.float64).copy()
+    n = h.size
+    if n < levels:
+        raise ValueError(f"The entropy method needs at least {levels} bins, got {n}.")
+    if n > 1:
+        h[0] = h[1]
+    total = float(h.sum())
+    if total <= 0:
+        raise ValueError("The entropy method needs a histogram with counts.")
+    cum = np.concatenate(([0.0], np.cumsum(h)))
+    nonzero = np.concatenate(([0], np.cumsum(h > 0)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        hlogh = np.where(h > 0, h * np.log(np.where(h > 0, h, 1.0)), 0.0)
+    cum_hlogh = np.concatenate(([0.0], np.cumsum(hlogh)))
+
+    candidates = np.arange(levels, n + 1)
+    divergence = np.empty(candidates.size, dtype=np.float64)
+    block = max(1, BLOCK_CELLS // levels)
+    for first in range(0, candidates.size, block):
+        chunk = candidates[first : first + block]
+        divergence[first : first + chunk.size] = _divergences(
+            h, cum, nonzero, cum_hlogh, chunk, levels
+        )
+    best = np.flatnonzero(divergence == divergence.min())[-1]
+    return int(candidates[best])
+
+
+def _divergences(
+    h: np.ndarray,
+    cum: np.ndarray,
+    nonzero: np.ndarray,
+    cum_hlogh: np.ndarray,
+    candidates: np.ndarray,
+    levels: int,
+) -> np.ndarray:
+    """KL(P || Q) of a block of candidates (see `entropy_bins`); prefix sums over h, with
+    a leading 0: cum of h, nonzero of h > 0, cum_hlogh of h log h."""
+    total = cum[-1]
+    i = candidates[:, None]
+    level = np.arange(levels + 1)[None, :]
+    bounds = (level * i + levels - 1) // levels  # group g is bins [bounds[g], bounds[g+1])
+    start, end = bounds[:, :-1], bounds[:, 1:]
+    group_sum = cum[end] - cum[start]  # (C, L): counts[:i] per group
+    group_nonzero = (nonzero[end] - nonzero[start]).astype(np.float64)
+    outliers = total - cum[candidates]
+    last = h[candidates - 1] + outliers  # P's bin i-1, outliers included
+    group_nonzero[:, -1] += (h[candidates - 1] == 0) & (outliers > 0)
+    kept = cum[candidates]  # Q's total
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # sum over P > 0 of p log p, with p = P / total (P sums to total)
+        last_log = np.where(last > 0, last * np.log(np.where(last > 0, last, 1.0)), 0.0)
+        p_log_p = (cum_hlogh[candidates - 1] + last_log) / total - np.log(total)
+        # sum over groups of P_g log q_g, q constant over a group's non-zero bins
+        group_p = group_sum.copy()
+        group_p[:, -1] += outliers
+        group_p /= total
+        q = group_sum / (group_nonzero * kept[:, None])
+        log_q = np.log(np.maximum(np.where(group_nonzero > 0, q, 1.0), 1e-12))
+        cross = np.sum(np.where(group_p > 0, group_p * log_q, 0.0), axis=1)
+    divergence = p_log_p - cross
+    divergence[kept <= 0] = np.inf
+    return divergence
+
+
+# ---------------------------------------------------------------------------- mse
+
+
+def mse_bins(
+    counts: np.ndarray, qmax: int = INT8_QMAX, *, top_position: float | None = None
+) -> int:
+    """The number of bins k (1..len(counts)) whose right edge, as the clip threshold t of
+    symmetric quantization to -qmax..qmax, gives the least expected squared error.
+
+    See `mse_errors`. Ties go to the smallest k.
+    """
+    errors = mse_errors(counts, qmax, top_position=top_position)
+    return int(np.argmin(errors)) + 1
+
+
+def mse_errors(
+    counts: np.ndarray, qmax: int = INT8_QMAX, *, top_position: float | None = None
+) -> np.ndarray:
+    """Expected total squared error for each clip threshold t = k bins (k = 1..n), bin
+    width 1 (the minimiser does not depend on it); element k-1 is threshold k.
+
+    Values are taken as uniform inside each bin, with exact integrals, so bins narrower or
+    wider than the quantization step s = t / qmax both come out right:
+
+    - a bin above t contributes its clipping error: the integral of (x - t)^2 over the bin,
+      O(1) per candidate from suffix sums of c, c*j and c*j^2;
+    - a bin below t its rounding error: the integral of r(x)^2, r(x) = x - s * round(x / s).
+      Its antiderivative is F(u) = u s^2 / 12 + phi(u), phi(u) = r^3 / 3 - s^2 r / 12,
+      periodic; so the bins below t give s^2 / 12 per value, plus
+      sum over 0 < j < k of (c[j-1] - c[j]) * phi(j) (phi vanishes at 0 and at t).
+
+    With `top_position` (in [n - 1, n]), the last bin's values are taken as one point mass
+    there (`Histogram.top_position`): clipped by top_position - k below it, rounded at
+    k = n.
+
+    Raises:
+        ValueError: no bins.
+    """
+    c = np.asarray(counts, dtype=np.float64).copy()
+    n = c.size
+    if n < 1:
+        raise ValueError("The mse method needs at least one bin.")
+    point_mass = 0.0
+    if top_position is not None:
+        point_mass, c[-1] = c[-1], 0.0
+    j = np.arange(n, dtype=np.float64)
+    k = np.arange(1, n + 1, dtype=np.float64)
+    step = k / qmax
+
+    # Clipping: bins j >= k give c_j * ((j - k)^2 + (j - k) + 1/3).
+    def suffix(values: np.ndarray) -> np.ndarray:
+        return np.concatenate((np.cumsum(values[::-1])[::-1], [0.0]))[1:]  # sum over j >= k
+
+    s0, s1, s2 = suffix(c), suffix(c * j), suffix(c * j * j)
+    clipping = s2 - (2 * k - 1) * s1 + (k * k - k + 1.0 / 3.0) * s0
+
+    # Rounding: bins j < k.
+    below = np.cumsum(c)  # sum over j < k of c_j, for k = 1..n
+    rounding = below * step * step / 12.0
+    jumps = np.concatenate(([0.0], c[:-1] - c[1:]))  # c[j-1] - c[j] at edge j
+    edges = j[1:]
+    block = max(1, BLOCK_CELLS // max(n, 1))
+    for first in range(0, n, block):
+        kk = k[first : first + block]
+        width = int(kk[-1]) - 1  # edges 1..k-1 of the largest candidate in the block
+        if width <= 0:
+            continue
+        s = kk[:, None] / qmax
+        u = edges[None, :width]
+        r = u - s * np.floor(u / s + 0.5)
+        phi = r * (r * r / 3.0 - s * s / 12.0)
+        phi[u >= kk[:, None]] = 0.0
+        rounding[first : first + block] += phi @ jumps[1 : width + 1]
+    errors = clipping + rounding
+    if point_mass:
+        mu = float(top_position)  # type: ignore[arg-type]
+        errors += point_mass * np.maximum(mu - k, 0.0) ** 2  # clipped below it
+        step_n = n / qmax
+        errors[-1] += point_mass * (mu - step_n * np.floor(mu / step_n + 0.5)) ** 2
+    return errors

@@ -1,0 +1,337 @@
+"""Pass one: min and max of each tensor, reduced inside the graph.
+
+`resolve_targets` finds the requested tensors in the model and checks they can be
+calibrated (float, in the main graph). `reduce_ranges` runs a copy of the model with a
+ReduceMin and a ReduceMax per tensor (keepdims=0; over every axis but the channel axis when
+per channel) and a ReduceSum (an inf or NaN sum gives away non-finite values) as extra
+outputs, so only those few numbers leave ONNX Runtime per batch, and memory does not depend
+on the number of samples. With `sizes`, a Size per tensor also tells
+how many elements one sample of it holds (pass two sizes its batches from that).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt import runtime
+from graphopt.calibration.ranges import CalibrationError
+from graphopt.data import Dataset
+from graphopt.model import Model
+
+FLOAT_TYPES = {
+    ir.DataType.FLOAT: np.dtype(np.float32),
+    ir.DataType.DOUBLE: np.dtype(np.float64),
+    ir.DataType.FLOAT16: np.dtype(np.float16),
+    ir.DataType.BFLOAT16: np.dtype(np.float32),  # captured as float32 for numpy
+}
+AXES_INPUT_OPSET = 18  # ReduceMin/ReduceMax take `axes` as an input from opset 18 on
+DEFAULT_OPSET = 13
+
+
+@dataclass(frozen=True)
+class Target:
+    """A tensor to calibrate: its dtype, its rank when known, its channel axis if any."""
+
+    name: str
+    dtype: ir.DataType
+    rank: int | None
+    axis: int | None
+
+    @property
+    def itemsize(self) -> int:
+        return FLOAT_TYPES[self.dtype].itemsize
+
+
+@dataclass
+class Extremes:
+    """What pass one found for one tensor."""
+
+    low: np.ndarray  # float64, () or (C,)
+    high: np.ndarray
+    per_sample: int  # the most elements one sample held (0 when not measured)
+    samples: int
+    finite_sums: bool = True  # every batch's sum was finite (no inf, no NaN)
+
+    def finite(self) -> bool:
+        return bool(
+            self.finite_sums and np.isfinite(self.low).all() and np.isfinite(self.high).all()
+        )
+
+    def empty(self) -> bool:
+        return bool((self.low > self.high).any())
+
+
+# ---------------------------------------------------------------------------- targets
+
+
+def resolve_targets(
+    model: Model, names: Sequence[str], per_channel: Mapping[str, int]
+) -> list[Target]:
+    """The requested tensors, checked: they exist in the main graph and hold floats.
+
+    Types (and, for per-channel tensors, ranks) missing from the model are inferred with
+    ONNX shape inference on a copy.
+
+    Raises:
+        CalibrationError: an unknown or non-float tensor, an unknown type, or a bad axis.
+    """
+    values = _main_values(model.graph)
+    unknown = [n for n in names if n not in values]
+    if unknown:
+        inner = _subgraph_names(model.graph) & set(unknown)
+        hint = "Name node outputs, graph inputs or initializers of the main graph."
+        if inner:
+            hint = (
+                f"{_quoted(sorted(inner))} live(s) inside an If/Loop/Scan body, which "
+                "calibration does not reach; " + hint[0].lower() + hint[1:]
+            )
+        raise CalibrationError(
+            f"The model has no tensor(s) {_quoted(unknown)} to calibrate.",
+            hint=hint,
+            tensors=tuple(unknown),
+        )
+    needs_inference = [
+        n
+        for n in names
+        if values[n].dtype is None or (n in per_channel and values[n].shape is None)
+    ]
+    if needs_inference:
+        values = _inferred_values(model, names)
+    targets: list[Target] = []
+    untyped, wrong = [], []
+    for name in names:
+        value = values[name]
+        dtype = value.dtype
+        if dtype is None:
+            untyped.append(name)
+            continue
+        if dtype not in FLOAT_TYPES:
+            wrong.append(f"'{name}' ({dtype.name.lower()})")
+            continue
+        rank = None if value.shape is None else len(value.shape)
+        targets.append(Target(name, dtype, rank, _axis(name, per_channel.get(name), rank)))
+    if wrong:
+        raise CalibrationError(
+            f"Only float tensors can be calibrated, and {', '.join(wrong)} "
+            f"{'is' if len(wrong) == 1 else 'are'} not.",
+            hint="Leave integer and boolean tensors out (they stay unquantized).",
+            tensors=tuple(n.split("'")[1] for n in wrong),
+        )
+    if untyped:
+        raise CalibrationError(
+            f"The element type of {_quoted(untyped)} is unknown, even after shape inference.",
+            hint="Run the model through onnx.shape_inference (or export it with value_info) "
+            "so every tensor has a type.",
+            tensors=tuple(untyped),
+        )
+    return targets
+
+
+def _axis(name: str, axis: int | None, rank: int | None) -> int | None:
+    if axis is None:
+        return None
+    if rank is None:
+        raise CalibrationError(
+            f"Per-channel calibration of '{name}' needs its rank, which the model does not "
+            "give, even after shape inference.",
+            hint="Export the model with shapes, or calibrate this tensor per tensor.",
+            tensors=(name,),
+        )
+    if not -rank <= axis < rank:
+        raise CalibrationError(
+            f"Channel axis {axis} of '{name}' is out of range for a tensor of rank {rank}.",
+            hint=f"Give an axis in {-rank}..{rank - 1}.",
+            tensors=(name,),
+        )
+    return axis % rank
+
+
+def _main_values(graph: ir.Graph) -> dict[str, ir.Value]:
+    values: dict[str, ir.Value] = {v.name: v for v in graph.inputs if v.name}
+    values.update({k: v for k, v in graph.initializers.items() if k})
+    for node in graph:
+        for output in node.outputs:
+            if output.name:
+                values[output.name] = output
+    return values
+
+
+def _subgraph_names(graph: ir.Graph) -> set[str]:
+    names: set[str] = set()
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        if node.graph is not graph:
+            names.update(o.name for o in node.outputs if o.name)
+    return names
+
+
+def _inferred_values(model: Model, names: Sequence[str]) -> dict[str, ir.Value]:
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    copy = model.copy()
+    ShapeInferencePass(check_type=False, strict_mode=False, data_prop=False)(copy.ir)
+    return _main_values(copy.graph)
+
+
+def _quoted(names: Sequence[str]) -> str:
+    return ", ".join(f"'{n}'" for n in names)
+
+
+# ---------------------------------------------------------------------------- pass one
+
+
+@dataclass(frozen=True)
+class _Outputs:
+    low: str
+    high: str
+    total: str  # the sum: inf or NaN when any value is (ReduceMin/Max may skip NaN)
+    size: str | None
+
+
+def reduce_ranges(
+    model: Model,
+    dataset: Dataset,
+    targets: Sequence[Target],
+    *,
+    sizes: bool,
+    batch_size: int,
+    device: runtime.Device,
+    threads: int | None,
+    workdir: Path | None,
+) -> dict[str, Extremes]:
+    """Min and max of every target over the whole dataset, in one streamed pass."""
+    stats_model, outputs = build_stats_model(model, targets, sizes=sizes)
+    session = runtime.create_session(stats_model, device=device, threads=threads, workdir=workdir)
+    fetch = [n for o in outputs.values() for n in (o.low, o.high, o.total, o.size) if n is not None]
+    found = {
+        t.name: Extremes(
+            low=np.full((), np.inf), high=np.full((), -np.inf), per_sample=0, samples=0
+        )
+        for t in targets
+    }
+    for batch, values in runtime.run_dataset(
+        session, dataset, batch_size=batch_size, outputs=fetch, description="calibration: min/max"
+    ):
+        for target in targets:
+            names, seen = outputs[target.name], found[target.name]
+            low = np.asarray(values[names.low], dtype=np.float64)
+            high = np.asarray(values[names.high], dtype=np.float64)
+            if seen.samples == 0:
+                seen.low, seen.high = low.copy(), high.copy()
+            else:
+                _check_channels(target, seen.low, low)
+                np.minimum(seen.low, low, out=seen.low)
+                np.maximum(seen.high, high, out=seen.high)
+            seen.samples += batch.size
+            seen.finite_sums &= bool(np.isfinite(values[names.total]))
+            if names.size is not None and batch.size:
+                elements = int(np.asarray(values[names.size]))
+                seen.per_sample = max(seen.per_sample, math.ceil(elements / batch.size))
+    return found
+
+
+def _check_channels(target: Target, seen: np.ndarray, new: np.ndarray) -> None:
+    if seen.shape != new.shape:
+        raise CalibrationError(
+            f"Tensor '{target.name}' has {seen.size} channels on axis {target.axis} in one "
+            f"batch and {new.size} in another, so it has no fixed per-channel range.",
+            hint="Calibrate it per tensor.",
+            tensors=(target.name,),
+        )
+
+
+def build_stats_model(
+    model: Model, targets: Sequence[Target], *, sizes: bool
+) -> tuple[Model, dict[str, _Outputs]]:
+    """A copy of the model that also outputs min, max (and Size) of every target."""
+    copy = model.copy()
+    graph = copy.graph
+    opset = copy.ir.opset_imports.get("")
+    if opset is None:
+        opset = DEFAULT_OPSET
+        copy.ir.opset_imports[""] = opset
+    taken = set(_main_values(graph))
+    counter = itertools.count()
+
+    def fresh(base: str) -> str:
+        name = base
+        while name in taken:
+            name = f"{base}_{next(counter)}"
+        taken.add(name)
+        return name
+
+    values = _main_values(graph)
+    outputs: dict[str, _Outputs] = {}
+    for target in targets:
+        source = values[target.name]
+        compute_type = (
+            ir.DataType.DOUBLE if target.dtype == ir.DataType.DOUBLE else ir.DataType.FLOAT
+        )
+        if target.dtype != compute_type:
+            cast = ir.node(
+                "Cast", [source], {"to": compute_type}, name=fresh(f"{target.name}/calib_cast")
+            )
+            cast.outputs[0].name = fresh(f"{target.name}::calib_cast")
+            graph.append(cast)
+            source = cast.outputs[0]
+        axes = (
+            None
+            if target.axis is None
+            else [a for a in range(target.rank or 0) if a != target.axis]
+        )
+        shape = ir.Shape([]) if target.axis is None else ir.Shape([None])
+        names = []
+        for op in ("ReduceMin", "ReduceMax"):
+            inputs: list[ir.Value | None] = [source]
+            attributes: dict[str, object] = {"keepdims": 0}
+            if axes is not None and opset >= AXES_INPUT_OPSET:
+                inputs.append(
+                    _constant(
+                        graph, np.array(axes, dtype=np.int64), fresh(f"{target.name}::calib_axes")
+                    )
+                )
+            elif axes is not None:
+                attributes["axes"] = axes
+            node = ir.node(op, inputs, attributes, name=fresh(f"{target.name}/calib_{op}"))
+            out = node.outputs[0]
+            out.name = fresh(f"{target.name}::calib_{op[6:].lower()}")
+            out.type = ir.TensorType(compute_type)
+            out.shape = shape
+            graph.append(node)
+            graph.outputs.append(out)
+            names.append(out.name)
+        # ONNX Runtime's ReduceMin/ReduceMax skip a NaN unless it comes first; a sum keeps it.
+        node = ir.node(
+            "ReduceSum", [source], {"keepdims": 0}, name=fresh(f"{target.name}/calib_sum")
+        )
+        total = node.outputs[0]
+        total.name = fresh(f"{target.name}::calib_sum")
+        total.type = ir.TensorType(compute_type)
+        total.shape = ir.Shape([])
+        graph.append(node)
+        graph.outputs.append(total)
+        size_name = None
+        if sizes:
+            node = ir.node("Size", [source], name=fresh(f"{target.name}/calib_size"))
+            out = node.outputs[0]
+            out.name = fresh(f"{target.name}::calib_size")
+            out.type = ir.TensorType(ir.DataType.INT64)
+            out.shape = ir.Shape([])
+            graph.append(node)
+            graph.outputs.append(out)
+            size_name = out.name
+        outputs[target.name] = _Outputs(names[0], names[1], total.name, size_name)
+    return copy, outputs
+
+
+def _constant(graph: ir.Graph, array: np.ndarray, name: str) -> ir.Value:
+    node = ir.node("Constant", [], {"value": ir.tensor(array, name=name)}, name=name)
+    node.outputs[0].name = name
+    graph.append(node)
+    return node.outputs[0]

@@ -1,0 +1,175 @@
+"""tests calibration/histogram.py: fixed-edge counting and the three thresholds, against
+plain implementations of their definitions on the raw samples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from graphopt.calibration import histogram as hist_module
+from graphopt.calibration.histogram import (
+    Histogram,
+    entropy_bins,
+    mse_bins,
+    mse_errors,
+    percentile_value,
+)
+from tests.calibration import bruteforce
+
+
+def _samples(kind: str, n: int = 20000, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if kind == "normal":
+        return rng.standard_normal(n).astype(np.float32)
+    if kind == "heavy":
+        return rng.standard_t(2.5, n).astype(np.float32)
+    if kind == "relu":
+        return np.maximum(rng.standard_normal(n) * 2 + 0.3, 0).astype(np.float32)
+    raise AssertionError(kind)
+
+
+def _abs_histogram(x: np.ndarray, bins: int) -> Histogram:
+    hist = Histogram(0.0, float(np.abs(x).max()), bins, absolute=True)
+    hist.add(x)
+    return hist
+
+
+# ---------------------------------------------------------------------------- counting
+
+
+def test_counts_match_np_histogram() -> None:
+    x = _samples("heavy")
+    hist = _abs_histogram(x, 2048)
+    reference, _ = bruteforce.histogram(x, 2048)
+    assert hist.total == x.size
+    # float32 binning may move a value that sits on an edge into the neighbouring bin.
+    assert np.abs(hist.counts - reference).sum() <= 4
+
+
+def test_counts_do_not_depend_on_chunking(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = _samples("normal", 10007)
+    whole = _abs_histogram(x, 512)
+    monkeypatch.setattr(hist_module, "CHUNK_ELEMENTS", 1000)
+    pieces = Histogram(whole.low, whole.high, 512, absolute=True)
+    for part in np.array_split(x, 37):
+        pieces.add(part.reshape(-1, 1))
+    np.testing.assert_array_equal(pieces.counts, whole.counts)
+
+
+def test_signed_histogram_and_nonfinite_values() -> None:
+    x = np.array([-2.0, -1.0, 0.0, 1.0, 3.0, np.nan, np.inf], dtype=np.float32)
+    hist = Histogram(-2.0, 3.0, 5, absolute=False)
+    hist.add(x)
+    assert hist.nonfinite == 2
+    np.testing.assert_array_equal(hist.counts, [1, 1, 1, 1, 1])  # bins [-2,-1) .. [2,3]
+    assert hist.edge(2.5) == pytest.approx(0.5)
+
+
+def test_float64_and_float16_data() -> None:
+    x = _samples("normal", 5000)
+    reference = _abs_histogram(x, 256).counts
+    for dtype in (np.float64, np.float16):
+        hist = Histogram(0.0, float(np.abs(x).max()), 256, absolute=True)
+        hist.add(x.astype(dtype))
+        assert hist.total == x.size
+        assert np.abs(hist.counts - reference).sum() <= (4 if dtype == np.float64 else 2000)
+
+
+def test_degenerate_histogram_is_refused() -> None:
+    with pytest.raises(ValueError):
+        Histogram(1.0, 1.0, 16, absolute=False)
+
+
+# ---------------------------------------------------------------------------- percentile
+
+
+def _assert_percentile(values: np.ndarray, ours: float, fraction: float, width: float) -> None:
+    """`ours` is where `fraction` of the values lie below, up to one bin: fewer than that
+    lie below ours - width, and at least that many at or below ours + width."""
+    x = values.astype(np.float64)
+    target = fraction * x.size
+    assert np.count_nonzero(x < ours - width) <= target <= np.count_nonzero(x <= ours + width)
+
+
+@pytest.mark.parametrize("kind", ["normal", "heavy", "relu"])
+@pytest.mark.parametrize("percentile", [99.99, 99.9, 99.0, 90.0])
+def test_percentile_matches_np_percentile(kind: str, percentile: float) -> None:
+    x = _samples(kind)
+    hist = _abs_histogram(x, 2048)
+    ours = percentile_value(hist, percentile / 100)
+    _assert_percentile(np.abs(x), ours, percentile / 100, hist.width)
+    if percentile <= 99.0:  # where samples are dense, np.percentile's interpolation agrees
+        exact = float(np.percentile(np.abs(x.astype(np.float64)), percentile))
+        assert abs(ours - exact) <= 2 * hist.width
+
+
+def test_signed_percentiles_match_np_percentile() -> None:
+    x = _samples("heavy") + 0.5
+    hist = Histogram(float(x.min()), float(x.max()), 2048, absolute=False)
+    hist.add(x)
+    for q in (0.005, 0.5, 50.0, 99.5, 99.995):
+        _assert_percentile(x, percentile_value(hist, q / 100), q / 100, hist.width)
+    for q in (5.0, 50.0, 95.0):
+        exact = float(np.percentile(x.astype(np.float64), q))
+        assert abs(percentile_value(hist, q / 100) - exact) <= 2 * hist.width
+
+
+def test_percentile_100_is_the_top_of_the_last_filled_bin() -> None:
+    hist = Histogram(0.0, 8.0, 8, absolute=True)
+    hist.add(np.array([0.5, 1.5, 2.5], dtype=np.float32))
+    assert percentile_value(hist, 1.0) == pytest.approx(3.0)
+    assert percentile_value(hist, 0.5) == pytest.approx(1.5)
+
+
+# ---------------------------------------------------------------------------- entropy
+
+
+@pytest.mark.parametrize("kind", ["normal", "heavy", "relu"])
+def test_entropy_matches_plain_kl_search(kind: str) -> None:
+    x = _samples(kind, 8000)
+    counts, _ = bruteforce.histogram(x, 512)
+    divergences = bruteforce.kl_divergences(counts)
+    ours = entropy_bins(counts)
+    best = min(divergences.values())
+    brute = max(i for i, d in divergences.items() if d == best)
+    assert ours == brute or divergences[ours] <= best + 1e-12
+
+
+def test_entropy_clips_heavy_tails_and_keeps_light_ones() -> None:
+    heavy = _abs_histogram(_samples("heavy", 50000), 2048)
+    uniform = _abs_histogram(
+        np.random.default_rng(3).uniform(-1, 1, 50000).astype(np.float32), 2048
+    )
+    assert entropy_bins(heavy.counts) < 1024  # t(2.5) tails: clip well inside the max
+    assert entropy_bins(uniform.counts) > 1900  # nothing to gain from clipping
+
+
+def test_entropy_needs_enough_bins() -> None:
+    with pytest.raises(ValueError, match="at least 128"):
+        entropy_bins(np.ones(64))
+
+
+# ---------------------------------------------------------------------------- mse
+
+
+@pytest.mark.parametrize("kind", ["normal", "heavy", "relu"])
+def test_mse_threshold_has_the_least_quantization_error(kind: str) -> None:
+    x = _samples(kind, 20000)
+    bins = 512
+    hist = _abs_histogram(x, bins)
+    ours = hist.edge(mse_bins(hist.counts))
+    best_threshold, best_error = bruteforce.best_mse_threshold(x, bins)
+    ours_error = bruteforce.quantization_mse(x, ours)
+    assert ours_error <= best_error * 1.02
+    assert abs(ours - best_threshold) <= 0.1 * float(np.abs(x).max())
+
+
+def test_mse_errors_follow_the_real_error_curve() -> None:
+    """The expected error of each candidate (uniform values inside bins) tracks the real one."""
+    x = np.random.default_rng(5).uniform(-4, 4, 200000).astype(np.float32)
+    bins = 256
+    hist = _abs_histogram(x, bins)
+    expected = mse_errors(hist.counts) * hist.width**2 / hist.total
+    for k in (8, 64, 128, 200, 256):
+        real = bruteforce.quantization_mse(x, k * hist.width)
+        assert expected[k - 1] == pytest.approx(real, rel=0.03)
