@@ -156,7 +156,11 @@ class QuantizePass(Pass[QuantizeOptions]):
         if plan.is_empty():
             forget_inferred()  # leave the model exactly as it came
             return PassResult(modified=False, stats=stats, warnings=warnings)
-        self._ensure_opset(model, stats)
+        try:
+            self._ensure_opset(model, stats)
+        except PassFailed:
+            forget_inferred()
+            raise
         measured = ranges.collect(
             model,
             ctx,

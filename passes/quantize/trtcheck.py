@@ -117,11 +117,9 @@ def _axis_problems(node: ir.Node) -> list[str]:
     """A per-channel node must feed a weight input, along its output-channel axis."""
     axis = plain_attr(node, "axis", 1)
     if node.op_type == QUANTIZE:
-        # A Q on a float weight: judge the DQ after it.
-        readers = [user for user, _ in node.outputs[0].uses()]
-        if not readers or not all(is_onnx_op(u, DEQUANTIZE) for u in readers):
+        if _is_activation(node):
             return ["per-channel QuantizeLinear of an activation; TensorRT needs per-tensor"]
-        return []
+        return []  # a Q of a float weight: the DQ after it is judged
     rank = _rank(node)
     problems = []
     for user, index in node.outputs[0].uses():

@@ -1,0 +1,153 @@
+"""The `ort-cpu` profile: ONNX Runtime's CPU provider really fuses the Q/DQ it writes into
+integer kernels (read from the graph ORT optimizes, at ORT_ENABLE_EXTENDED), and the fused
+model stays close to the float one."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphopt.model import Model
+from tests import models
+from tests.passes.test_quantize import calib_feeds, cosine, mlp, quantize, run_ort
+
+
+def fused_ops(model: Model, tmp_path: Path) -> tuple[Counter[str], onnx.ModelProto]:
+    """Op types of the graph ORT's CPU provider runs after its QDQ fusions."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(
+        model.to_proto().SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    return Counter(node.op_type for node in optimized.graph.node), optimized
+
+
+def pool_concat_cnn(channels: int = 16) -> onnx.ModelProto:
+    """x -> Conv+Relu -> MaxPool -> two Conv+Relu branches -> Concat -> Conv+Relu ->
+    GlobalAveragePool -> Flatten -> Gemm -> y."""
+    rng = np.random.default_rng(4)
+    c = channels
+
+    def w(name: str, shape: tuple[int, ...]) -> onnx.TensorProto:
+        fan_in = int(np.prod(shape[1:]))
+        values = rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)
+        return numpy_helper.from_array(values.astype(np.float32), name)
+
+    def b(name: str, n: int) -> onnx.TensorProto:
+        return numpy_helper.from_array((rng.standard_normal(n) * 0.1).astype(np.float32), name)
+
+    weights = [
+        w("w1", (c, 3, 3, 3)), b("b1", c),
+        w("w2", (c, c, 3, 3)), b("b2", c),
+        w("w3", (c, c, 1, 1)), b("b3", c),
+        w("w4", (2 * c, 2 * c, 3, 3)), b("b4", 2 * c),
+        w("w5", (10, 2 * c)), b("b5", 10),
+    ]  # fmt: skip
+    mk = helper.make_node
+    nodes = [
+        mk("Conv", ["x", "w1", "b1"], ["c1"], name="conv_1", pads=[1, 1, 1, 1]),
+        mk("Relu", ["c1"], ["r1"], name="relu_1"),
+        mk("MaxPool", ["r1"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        mk("Conv", ["p", "w2", "b2"], ["c2"], name="conv_2", pads=[1, 1, 1, 1]),
+        mk("Relu", ["c2"], ["r2"], name="relu_2"),
+        mk("Conv", ["p", "w3", "b3"], ["c3"], name="conv_3"),
+        mk("Relu", ["c3"], ["r3"], name="relu_3"),
+        mk("Concat", ["r2", "r3"], ["cat"], name="concat", axis=1),
+        mk("Conv", ["cat", "w4", "b4"], ["c4"], name="conv_4", pads=[1, 1, 1, 1]),
+        mk("Relu", ["c4"], ["r4"], name="relu_4"),
+        mk("GlobalAveragePool", ["r4"], ["gap"], name="gap"),
+        mk("Flatten", ["gap"], ["flat"], name="flatten"),
+        mk("Gemm", ["flat", "w5", "b5"], ["y"], name="fc", transB=1, alpha=0.5),
+    ]
+    vi = helper.make_tensor_value_info
+    return models.make_model(
+        nodes,
+        [vi("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [vi("y", TensorProto.FLOAT, ["N", 10])],
+        weights,
+    )
+
+
+def test_ort_fuses_the_cnn_into_integer_kernels(tmp_path):
+    proto = pool_concat_cnn()
+    model, result = quantize(proto, tmp_path, cleanup=False, target="ort-cpu", min_channels=1)
+    assert result.stats["quantized_nodes"] == 5 and result.stats["biases_quantized"] == 5
+    ops, optimized = fused_ops(model, tmp_path)
+    # Every Conv became QLinearConv (its Relu dropped), the Concat QLinearConcat, the pool
+    # and Flatten moved int8 data, the global pool QLinearGlobalAveragePool, the Gemm QGemm.
+    assert ops["QLinearConv"] == 4 and ops["Conv"] == 0 and ops["Relu"] == 0
+    assert ops["QLinearConcat"] == 1 and ops["QLinearGlobalAveragePool"] == 1
+    assert ops["QGemm"] == 1 and ops["Gemm"] == 0
+    assert ops["QuantizeLinear"] == 1  # only the graph input is quantized at run time
+    assert ops["DequantizeLinear"] == 0  # QGemm writes float logits
+    pool = next(node for node in optimized.graph.node if node.op_type == "MaxPool")
+    assert pool.input[0] == "r1_quantized"  # MaxPool runs on uint8
+    feeds = calib_feeds(proto, samples=32, seed=7)
+    (reference,) = run_ort(proto, feeds)
+    (candidate,) = run_ort(model, feeds)
+    assert cosine(reference, candidate) > 0.99
+
+
+def test_ort_fuses_the_residual_cnn(tmp_path):
+    proto = models.small_cnn()
+    model, _ = quantize(proto, tmp_path, target="ort-cpu", min_channels=1)
+    ops, _ = fused_ops(model, tmp_path)
+    assert ops["QLinearConv"] == 3 and ops["Conv"] == 0
+    assert ops["QLinearAdd"] == 1  # the residual Add, its Relu dropped
+    assert ops["QGemm"] == 1
+    assert ops["ConvTranspose"] == 1  # no integer kernel on the CPU: left in float
+
+
+def test_ort_fuses_matmuls(tmp_path):
+    proto = mlp()
+    model, _ = quantize(proto, tmp_path, cleanup=False, target="ort-cpu")
+    ops, _ = fused_ops(model, tmp_path)
+    # MatMul -> Relu -> Q (the Gemm's input) is QLinearMatMul; the Gemm writes float.
+    assert ops["QLinearMatMul"] == 1 and ops["QGemm"] == 1
+    assert ops["MatMul"] == 0 and ops["Gemm"] == 0
+    feeds = calib_feeds(proto, samples=16, seed=3)
+    assert cosine(run_ort(proto, feeds)[0], run_ort(model, feeds)[0]) > 0.99
+
+
+def test_transformer_block_projections_run_as_integer_matmuls(tmp_path):
+    proto = models.transformer_block(seq=8, dim=32, heads=4, hidden=64)
+    model, result = quantize(proto, tmp_path, target="ort-cpu")
+    assert result.stats["quantized_nodes"] == 6
+    ops, _ = fused_ops(model, tmp_path)
+    integer = ops["MatMulIntegerToFloat"] + ops["QLinearMatMul"] + ops["DynamicQuantizeMatMul"]
+    assert integer == 6
+    # The attention core stays in float (ORT folds the 1/sqrt(d) Mul into one of them).
+    assert ops["MatMul"] + ops["FusedMatMul"] == 2
+    feeds = calib_feeds(proto, samples=8, seed=2)
+    assert cosine(run_ort(proto, feeds)[0], run_ort(model, feeds)[0]) > 0.99
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_activations_are_uint8_and_weights_int8_symmetric(tmp_path, per_channel):
+    model, _ = quantize(
+        pool_concat_cnn(),
+        tmp_path,
+        cleanup=False,
+        target="ort-cpu",
+        per_channel=per_channel,
+        min_channels=1,
+    )
+    for node in model.graph:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        data = node.inputs[0].const_value
+        if node.op_type == "QuantizeLinear" or data is None:
+            assert node.inputs[2].const_value.numpy().dtype == np.uint8
+        elif str(data.dtype) == "INT8":
+            assert not node.inputs[2].const_value.numpy().any()
+            assert node.inputs[1].const_value.numpy().ndim == (1 if per_channel else 0)
+        else:
+            assert str(data.dtype) == "INT32"  # a bias
