@@ -38,10 +38,12 @@ from graphopt.errors import GraphoptError, PassFailed
 from graphopt.model import Model
 from graphopt.passes.base import Pass, PassResult, option, register_pass
 from graphopt.passes.quantize import insert, opset, ranges
+from graphopt.passes.quantize.graphutil import node_label
 from graphopt.passes.quantize.ortcpu import plan_ortcpu
 from graphopt.passes.quantize.plan import Plan
 from graphopt.passes.quantize.sites import (
     Excluder,
+    Exclusion,
     Selection,
     exclusion_counts,
     parse_exclude,
@@ -52,6 +54,8 @@ from graphopt.passes.quantize.trtcheck import MIN_OPSET, check_tensorrt
 
 #: The calibrator when none is named; see QuantizeOptions.calibrator.
 DEFAULT_CALIBRATOR = "minmax"
+# Placement is redone when calibration leaves tensors out; a few rounds settle it.
+_MAX_PLANS = 4
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,36 +151,25 @@ class QuantizePass(Pass[QuantizeOptions]):
             min_channels=opts.min_channels,
             quantize_attention=opts.quantize_attention,
         )
-        if opts.target == "tensorrt":
-            plan = plan_tensorrt(m.graph, selection, excluder)
-        else:
-            plan = plan_ortcpu(m.graph, selection, excluder)
+        plan = self._plan(m.graph, selection, excluder, frozenset())
         warnings = [f"exclude entry '{entry}' matched no node" for entry in excluder.unused()]
+        raise_from: int | None = None
+        measured: dict[str, Any] = {}
+        if not plan.is_empty():
+            try:
+                raise_from = self._opset_to_raise(model)
+            except PassFailed:
+                forget_inferred()
+                raise
+            plan = self._calibrate(model, ctx, plan, selection, excluder, measured, warnings)
         stats = self._stats(selection, plan)
         if plan.is_empty():
             forget_inferred()  # leave the model exactly as it came
             return PassResult(modified=False, stats=stats, warnings=warnings)
-        try:
-            self._ensure_opset(model, stats)
-        except PassFailed:
-            forget_inferred()
-            raise
-        measured = ranges.collect(
-            model,
-            ctx,
-            plan.range_tensors(),
-            method=opts.calibrator,
-            symmetric=plan.symmetric,
-            percentile=opts.percentile,
-            samples=opts.samples,
-        )
-        try:
-            inserted = insert.apply(m.graph, plan, measured, per_channel=opts.per_channel)
-        except insert.MissingRange as exc:
-            raise PassFailed(
-                f"Calibration measured no range for every tensor to quantize ({exc}).",
-                pass_name=self.name,
-            ) from exc
+        if raise_from is not None:
+            opset.raise_opset(m, MIN_OPSET)
+            stats["opset_raised_from"] = raise_from
+        inserted = insert.apply(m.graph, plan, measured, per_channel=opts.per_channel)
         ir_passes.TopologicalSortPass()(m)
         stats.update(
             quantize_linear=inserted.quantize_linear,
@@ -187,6 +180,66 @@ class QuantizePass(Pass[QuantizeOptions]):
         if opts.target == "tensorrt":
             self._check_tensorrt(model)
         return PassResult(modified=True, stats=stats, warnings=warnings)
+
+    def _plan(
+        self, graph: ir.Graph, selection: Selection, excluder: Excluder, forbidden: frozenset[str]
+    ) -> Plan:
+        if self.options.target == "tensorrt":
+            return plan_tensorrt(graph, selection, excluder, forbidden)
+        return plan_ortcpu(graph, selection, excluder, forbidden)
+
+    def _calibrate(
+        self,
+        model: Model,
+        ctx: Context,
+        plan: Plan,
+        selection: Selection,
+        excluder: Excluder,
+        measured: dict[str, Any],
+        warnings: list[str],
+    ) -> Plan:
+        """Calibrate the plan's tensors into `measured`. Tensors that cannot be ranged (inf or
+        NaN on the data, ...) stay float, the ops reading them too, and the placement is made
+        again without them (a residual skip or an int8 region may depend on them)."""
+        opts = self.options
+        forbidden: dict[str, str] = {}
+        for _ in range(_MAX_PLANS):
+            needed = [t for t in plan.range_tensors() if t not in measured and t not in forbidden]
+            if not needed:
+                break
+            got, reasons = ranges.collect(
+                model,
+                ctx,
+                needed,
+                method=opts.calibrator,
+                symmetric=plan.symmetric,
+                percentile=opts.percentile,
+                samples=opts.samples,
+            )
+            measured.update(got)
+            missing = {
+                t: reasons.get(t, "calibration gave no range") for t in needed if t not in got
+            }
+            if not missing:
+                break
+            forbidden.update(missing)
+            for name, reason in sorted(missing.items()):
+                warnings.append(f"tensor '{name}' left in float: {reason}")
+            kept = []
+            for site in selection.sites:
+                inputs = [site.node.inputs[i].name for i in site.activations]  # type: ignore[union-attr]
+                bad = next((name for name in inputs if name in forbidden), None)
+                if bad is None:
+                    kept.append(site)
+                    continue
+                label = node_label(site.node)
+                detail = f"input '{bad}': {forbidden[bad]}"
+                selection.excluded.append(
+                    Exclusion(label, site.node.op_type, "calibration", detail)
+                )
+            selection.sites = kept
+            plan = self._plan(model.graph, selection, excluder, frozenset(forbidden))
+        return plan
 
     def _stats(self, selection: Selection, plan: Plan) -> dict[str, Any]:
         opts = self.options
@@ -206,25 +259,25 @@ class QuantizePass(Pass[QuantizeOptions]):
             "excluded": [item.to_dict() for item in selection.excluded],
         }
 
-    def _ensure_opset(self, model: Model, stats: dict[str, Any]) -> None:
+    def _opset_to_raise(self, model: Model) -> int | None:
+        """The model's opset if it must be raised to 13 (None if not); fails the pass when
+        raising it would change an op's meaning."""
         current = opset.default_opset(model.ir)
         if current >= MIN_OPSET:
-            return
+            return None
         stopped = opset.blockers(model.ir, MIN_OPSET)
         if stopped:
-            shown = "; ".join(stopped[:5]) + (
-                f"; and {len(stopped) - 5} more" if len(stopped) > 5 else ""
-            )
+            more = f"; and {len(stopped) - 5} more" if len(stopped) > 5 else ""
             raise PassFailed(
                 f"The model uses opset {current}, and per-channel quantization needs opset "
-                f"{MIN_OPSET}, but raising it would change these ops: {shown}.",
+                f"{MIN_OPSET}, but raising it would change these ops: "
+                f"{'; '.join(stopped[:5])}{more}.",
                 pass_name=self.name,
                 node=stopped[0].split(" (")[0],
                 hint="Re-export the model at opset 13 or newer (or convert it with "
                 "onnx.version_converter) and run again.",
             )
-        opset.raise_opset(model.ir, MIN_OPSET)
-        stats["opset_raised_from"] = current
+        return current
 
     def _check_tensorrt(self, model: Model) -> None:
         violations = check_tensorrt(model.ir)

@@ -41,9 +41,11 @@ def group_params(plan: Plan, ranges: Mapping[str, RangeLike]) -> dict[str, QPara
     """Tensor name -> its group's parameters."""
     params: dict[str, QParams] = {}
     for root, members in plan.groups().items():
-        missing = [name for name in members if name not in ranges]
+        missing = [name for name in members if name in plan and name not in ranges]
         if missing:
             raise MissingRange(f"no calibrated range for {', '.join(missing)}")
+        # A Concat output that widens the group but could not be measured is skipped.
+        members = [name for name in members if name in ranges]
         shared = qparams.activation_params((ranges[m] for m in members), symmetric=plan.symmetric)
         for name in members:
             if name in plan:

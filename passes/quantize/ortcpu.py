@@ -51,9 +51,14 @@ _MULTI_INPUT = frozenset({"Add", "Mul", "Concat"})
 _RELU_LIKE = frozenset({"Relu", "Clip"})
 
 
-def plan_ortcpu(graph: ir.Graph, selection: Selection, excluder: Excluder) -> Plan:
+def plan_ortcpu(
+    graph: ir.Graph,
+    selection: Selection,
+    excluder: Excluder,
+    forbidden: frozenset[str] = frozenset(),
+) -> Plan:
     """Q/DQ placement for ONNX Runtime's CPU integer kernels."""
-    plan = Plan(symmetric=False, quantize_bias=True)
+    plan = Plan(symmetric=False, quantize_bias=True, forbidden=forbidden)
     plan.float_readers = {node for node in graph if excluder.matches(node)}
     for site in selection.sites:
         plan.sites.append(site)
@@ -81,14 +86,10 @@ def _grow(node: ir.Node, plan: Plan) -> bool:
         return False
     x, y = node.inputs[0], node.outputs[0]
     if op in _DATA_MOVEMENT:
-        if x.name in plan and _quantizable(y) and y.name not in plan:
-            plan.add(y)
-            plan.share(x.name, y.name)  # type: ignore[arg-type]
-            return True
-        if y.name in plan and _quantizable(x) and x.name not in plan:
-            plan.add(x)
-            plan.share(y.name, x.name)  # type: ignore[arg-type]
-            return True
+        for src, dst in ((x, y), (y, x)):  # forwards, then backwards
+            if src.name in plan and dst.name not in plan and _quantizable(dst) and plan.add(dst):
+                plan.share(src.name, dst.name)  # type: ignore[arg-type]
+                return True
         return False
     if op in _UNARY:
         if x.name in plan and _quantizable(y) and y.name not in plan:
@@ -101,7 +102,7 @@ def _grow(node: ir.Node, plan: Plan) -> bool:
         if not all(_quantizable(v) for v in inputs):
             return False
         output = _after_relu(y) if op != "Concat" else y
-        if not _quantizable(output):
+        if not _quantizable(output) or any(v.name in plan.forbidden for v in [*inputs, output]):
             return False
         changed = False
         for value in [*inputs, output]:

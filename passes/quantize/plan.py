@@ -30,6 +30,8 @@ class Plan:
         float_readers: nodes that keep reading the float value of a quantized tensor even
             when `readers` is ALL (ops the user excluded).
         values: tensor name -> its value.
+        forbidden: tensors that must stay float (calibration could not range them); `add`
+            refuses them.
     """
 
     sites: list[Site] = field(default_factory=list)
@@ -38,6 +40,7 @@ class Plan:
     quantize_bias: bool = False
     float_readers: set[ir.Node] = field(default_factory=set)
     values: dict[str, ir.Value] = field(default_factory=dict)
+    forbidden: frozenset[str] = frozenset()
     _parent: dict[str, str] = field(default_factory=dict)
     _extra_ranges: dict[str, set[str]] = field(default_factory=dict)
 
@@ -47,6 +50,8 @@ class Plan:
         """Quantize `value` for `reader` (None: for every reader); True if anything is new."""
         name = value.name
         assert name is not None
+        if name in self.forbidden:
+            return False
         self.values[name] = value
         if name not in self.readers:
             self.readers[name] = ALL if reader is None else {reader}

@@ -1,46 +1,22 @@
-"""Calibration for the quantize pass: the ranges of the tensors a plan quantizes.
+"""Calibration for the quantize pass: the ranges of the tensors a plan quantizes, from
+`graphopt.calibration.calibrate` (streamed, the same whatever the batch size).
 
-`graphopt.calibration.calibrate` (streaming, in-graph statistics, minmax / percentile /
-entropy / mse) does the work when it is installed. Until then a streaming min/max over the
-calibration data stands in, and only `minmax` is available.
+Tensors calibration cannot range are left out rather than failing the pass: those it names in
+a `CalibrationError` (e.g. a tensor that is not float after all), and those holding inf or NaN
+on the calibration data (an attention mask, say). The pass leaves them, and the ops that read
+them, in float and says so.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
 
-import numpy as np
-
+from graphopt.calibration import CalibrationError, TensorRange, calibrate
 from graphopt.context import Context
-from graphopt.errors import GraphoptError
 from graphopt.model import Model
-from graphopt.passes.quantize.qparams import RangeLike
 
-
-@dataclass(frozen=True)
-class MinMaxRange:
-    """A per-tensor range: the smallest and largest value seen."""
-
-    name: str
-    low: np.ndarray
-    high: np.ndarray
-    samples: int = 0
-    method: str = "minmax"
-    axis: int | None = None
-
-    def amax(self) -> np.ndarray:
-        return np.maximum(np.abs(self.low), np.abs(self.high))
-
-
-def _calibrate_function() -> Callable[..., Mapping[str, RangeLike]] | None:
-    try:
-        module = importlib.import_module("graphopt.calibration")
-    except ImportError:
-        return None
-    return getattr(module, "calibrate", None)
+# A CalibrationError naming tensors leads to a retry without them, this many times at most.
+_MAX_RETRIES = 3
 
 
 def collect(
@@ -52,70 +28,42 @@ def collect(
     symmetric: bool,
     percentile: float,
     samples: int,
-) -> Mapping[str, RangeLike]:
-    """Per-tensor ranges of `tensors` over the first `samples` calibration samples."""
+) -> tuple[dict[str, TensorRange], dict[str, str]]:
+    """Per-tensor ranges over the first `samples` calibration samples.
+
+    Returns:
+        (ranges by tensor name, reason by tensor name for those left out).
+    """
     dataset = ctx.calib_data
     assert dataset is not None
-    calibrate = _calibrate_function()
-    if calibrate is not None:
-        kwargs: dict[str, Any] = dict(
-            method=method,
-            symmetric=symmetric,
-            percentile=percentile,
-            samples=samples,
-            batch_size=ctx.batch_size,
-            device=ctx.device,
-            threads=ctx.threads,
-            workdir=ctx.workdir,
-        )
-        return calibrate(model, dataset, list(tensors), **kwargs)
-    if method != "minmax":
-        raise GraphoptError(
-            f"Calibrator '{method}' is not available in this installation (graphopt.calibration "
-            "has no calibrate function).",
-            hint="Use calibrator=minmax.",
-        )
-    return minmax(model, ctx, tensors, samples=samples)
-
-
-def minmax(
-    model: Model, ctx: Context, tensors: Sequence[str], *, samples: int
-) -> dict[str, MinMaxRange]:
-    """Streaming per-tensor min/max: one batch of activations in memory at a time."""
-    from graphopt.runtime import create_session, run_dataset
-
-    dataset = ctx.calib_data
-    assert dataset is not None
-    inputs = {v.name for v in model.graph.inputs}
-    fetched = [name for name in dict.fromkeys(tensors) if name not in inputs]
-    session = create_session(
-        model, device=ctx.device, threads=ctx.threads, extra_outputs=fetched, workdir=ctx.workdir
-    )
-    low: dict[str, float] = {}
-    high: dict[str, float] = {}
-    seen = 0
-    batches = run_dataset(
-        session, dataset, batch_size=ctx.batch_size, outputs=fetched, description="calibrating"
-    )
-    for batch, values in batches:
-        take = min(batch.size, samples - seen)
-        arrays = dict(values)
-        arrays.update({name: batch.feeds[name] for name in tensors if name in inputs})
-        for name in tensors:
-            array = np.asarray(arrays[name])[:take]
-            if array.size == 0:
-                continue
-            low[name] = min(low.get(name, np.inf), float(np.min(array)))
-            high[name] = max(high.get(name, -np.inf), float(np.max(array)))
-        seen += take
-        if seen >= samples:
-            break
-    return {
-        name: MinMaxRange(
-            name,
-            np.asarray(low.get(name, 0.0), np.float32),
-            np.asarray(high.get(name, 0.0), np.float32),
-            seen,
-        )
-        for name in tensors
-    }
+    wanted = list(dict.fromkeys(tensors))
+    left_out: dict[str, str] = {}
+    for attempt in range(_MAX_RETRIES + 1):
+        try:
+            measured = calibrate(
+                model,
+                dataset,
+                wanted,
+                method=method,  # type: ignore[arg-type]
+                symmetric=symmetric,
+                percentile=percentile,
+                samples=samples,
+                batch_size=ctx.batch_size,
+                device=ctx.device,
+                threads=ctx.threads,
+                workdir=ctx.workdir,
+                nonfinite="skip",
+            )
+        except CalibrationError as exc:
+            named = [name for name in exc.tensors if name in wanted]
+            if not named or attempt == _MAX_RETRIES:
+                raise
+            for name in named:
+                left_out[name] = " ".join(exc.message.split())
+            wanted = [name for name in wanted if name not in named]
+            continue
+        for name in wanted:
+            if name not in measured:
+                left_out[name] = "it holds inf or NaN on the calibration data"
+        return dict(measured), left_out
+    raise AssertionError("unreachable")

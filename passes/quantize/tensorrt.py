@@ -28,9 +28,14 @@ from graphopt.passes.quantize.plan import Plan
 from graphopt.passes.quantize.sites import Excluder, Exclusion, Selection
 
 
-def plan_tensorrt(graph: ir.Graph, selection: Selection, excluder: Excluder) -> Plan:
+def plan_tensorrt(
+    graph: ir.Graph,
+    selection: Selection,
+    excluder: Excluder,
+    forbidden: frozenset[str] = frozenset(),
+) -> Plan:
     """Q/DQ placement for TensorRT; user exclusions of residual Adds go to `selection`."""
-    plan = Plan(symmetric=True, quantize_bias=False)
+    plan = Plan(symmetric=True, quantize_bias=False, forbidden=forbidden)
     for site in selection.sites:
         plan.sites.append(site)
         for index in site.activations:
@@ -57,9 +62,11 @@ def _residual_add(
     if not fused or not all(float_activation(v, assume_float=True) for v in node.inputs):
         return
     if excluder.matches(node):
-        selection.excluded.append(
-            Exclusion(node_label(node), node.op_type, "user", "residual input left in float")
+        exclusion = Exclusion(
+            node_label(node), node.op_type, "user", "residual input left in float"
         )
+        if exclusion not in selection.excluded:  # placement may be made more than once
+            selection.excluded.append(exclusion)
         return
     skip = 1 if fused == [0] or len(fused) == 2 else 0
     value = node.inputs[skip]

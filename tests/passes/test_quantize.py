@@ -534,14 +534,55 @@ def test_no_calibration_data_is_a_clear_error(tmp_path):
     assert "--data" in info.value.paragraph()
 
 
-def test_an_unavailable_calibrator_is_a_clear_error(tmp_path, monkeypatch):
-    from graphopt.passes.quantize import ranges
+def test_tensors_with_inf_stay_in_float_with_their_readers(tmp_path):
+    """Log(Relu(x)) is -inf wherever x <= 0: the Conv reading it stays in float, with a
+    reason, and the rest of the model is quantized."""
+    rng = np.random.default_rng(0)
+    weights = [
+        numpy_helper.from_array((rng.standard_normal((16, 16, 1, 1)) * 0.3).astype(np.float32), n)
+        for n in ("w1", "w2")
+    ]
+    mk = helper.make_node
+    nodes = [
+        mk("Relu", ["x"], ["r"], name="relu"),
+        mk("Log", ["r"], ["l"], name="log"),
+        mk("Conv", ["l", "w1"], ["a"], name="conv_inf"),
+        mk("Conv", ["x", "w2"], ["b"], name="conv_ok"),
+        mk("Add", ["a", "b"], ["y"], name="add"),
+    ]
+    vi = helper.make_tensor_value_info
+    proto = models.make_model(
+        nodes,
+        [vi("x", TensorProto.FLOAT, ["N", 16, 4, 4])],
+        [vi("y", TensorProto.FLOAT, ["N", 16, 4, 4])],
+        weights,
+    )
+    model, result = quantize(proto, tmp_path, cleanup=False, target="tensorrt")
+    assert result.modified and result.stats["quantized_nodes"] == 1
+    (excluded,) = result.stats["excluded"]
+    assert excluded["node"] == "conv_inf" and excluded["reason"] == "calibration"
+    assert "inf or NaN" in excluded["detail"]
+    assert any("'l' left in float" in warning for warning in result.warnings)
+    assert set(activation_readers(model)) == {"x"}
+    assert set(weight_dqs(model)) == {"conv_ok"}
 
-    monkeypatch.setattr(ranges, "_calibrate_function", lambda: None)
-    with pytest.raises(GraphoptError, match="entropy"):
-        quantize(models.small_cnn(), tmp_path, min_channels=1, calibrator="entropy")
-    _, result = quantize(models.small_cnn(), tmp_path, min_channels=1, calibrator="minmax")
-    assert result.modified
+
+@pytest.mark.parametrize("calibrator", ["minmax", "percentile", "entropy", "mse"])
+def test_every_calibrator_quantizes_the_sample(tmp_path, calibrator):
+    proto = onnx.load(os.fspath(DIGITS / "model.onnx"))
+    model = cleaned(proto, tmp_path)
+    data = open_dataset(os.fspath(DIGITS / "calib.npz"), model.input_specs())
+    result = QuantizePass(QuantizeOptions(calibrator=calibrator, samples=64)).run(
+        model, context(tmp_path, data)
+    )
+    assert result.modified and result.stats["calibrator"] == calibrator
+    with np.load(DIGITS / "val.npz") as val:
+        feeds, labels = {"image": val["image"]}, val["labels"]
+    (reference,) = run_ort(proto, feeds)
+    (candidate,) = run_ort(model, feeds)
+    assert cosine(reference, candidate) > 0.99
+    accuracy = float(np.mean(candidate.argmax(axis=1) == labels))
+    assert accuracy >= float(np.mean(reference.argmax(axis=1) == labels)) - 0.01
 
 
 def test_options_and_recipes_are_registered():
