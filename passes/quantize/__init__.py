@@ -167,8 +167,8 @@ class QuantizePass(Pass[QuantizeOptions]):
             forget_inferred()  # leave the model exactly as it came
             return PassResult(modified=False, stats=stats, warnings=warnings)
         if raise_from is not None:
-            opset.raise_opset(m, MIN_OPSET)
             stats["opset_raised_from"] = raise_from
+            stats["opset_rewritten_nodes"] = opset.raise_opset(m, MIN_OPSET)
         inserted = insert.apply(m.graph, plan, measured, per_channel=opts.per_channel)
         ir_passes.TopologicalSortPass()(m)
         stats.update(

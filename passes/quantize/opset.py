@@ -1,23 +1,40 @@
 """Raising the default-domain opset to 13, which per-channel DequantizeLinear needs, when
-that keeps every op's meaning.
+every op keeps its meaning there.
 
-An op is safe to carry from opset `v` to 13 when, between its schema at `v` and at 13, no
-attribute the node uses went away, every input keeps its name and position, new inputs are
-optional, and the op is not one whose meaning changed without a signature change (Softmax,
-LogSoftmax and Hardmax over an axis other than the last). Anything else (Squeeze with an
-`axes` attribute, Split with `split`, Clip-6 with `min`/`max`, Upsample, ...) makes the raise
+An op is carried from opset `v` to 13 as it is when, between its schema at `v` and at 13, no
+attribute the node uses went away, every input keeps its name and position, and new inputs
+are optional. A few ops whose attribute became an input at 13 are rewritten (exactly as
+`onnx.version_converter` does, without a trip through protobuf):
+
+- Squeeze, Unsqueeze, ReduceSum: the `axes` attribute becomes a constant input;
+- Split: the `split` attribute becomes a constant input;
+- Softmax, LogSoftmax, Hardmax: before 13 they normalize over every axis from `axis` on
+  (the input taken as 2-D); at 13 over `axis` alone. Over the last axis both agree and the
+  node stays; otherwise (or when the rank is unknown) it becomes Flatten(axis) -> op(axis=-1)
+  -> Reshape(Shape(x)), which computes the old meaning at opset 13.
+
+Anything else (Clip-6 with `min`/`max`, Pad-2, Upsample, Slice-1, TopK-1, ...) makes the raise
 unsafe, and the pass says which nodes stand in the way.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 import onnx.defs
 import onnx_ir as ir
 
 from graphopt.passes.cleanup.common import nodes_with_opset
-from graphopt.passes.quantize.graphutil import node_label, plain_attr
+from graphopt.passes.quantize.graphutil import NameSource, node_label, plain_attr
 
-_AXIS_SEMANTICS_CHANGED = frozenset({"Softmax", "LogSoftmax", "Hardmax"})
+_SOFTMAX_LIKE = frozenset({"Softmax", "LogSoftmax", "Hardmax"})
+_ATTRIBUTE_TO_INPUT = {
+    "Squeeze": "axes",
+    "Unsqueeze": "axes",
+    "ReduceSum": "axes",
+    "Split": "split",
+}
 
 
 def default_opset(model: ir.Model) -> int:
@@ -25,35 +42,55 @@ def default_opset(model: ir.Model) -> int:
 
 
 def blockers(model: ir.Model, target: int) -> list[str]:
-    """Why the main graph's ops cannot move to opset `target` ("node (op): reason" each)."""
+    """Why the model's ops cannot move to opset `target` ("node (op-version): reason" each)."""
     current = default_opset(model)
     out = []
-    seen: set[str] = set()
-    for node, opset in nodes_with_opset(model, functions=False):
-        if node.domain not in ("", "ai.onnx") or opset >= target:
+    for node, opset in _old_nodes(model, target):
+        if _rewrite_for(node, opset, target) is not None:
             continue
         reason = _blocker(node, opset, target)
         if reason is not None:
             text = f"{node_label(node)} ({node.op_type}-{current}): {reason}"
-            if text not in seen:
-                seen.add(text)
+            if text not in out:
                 out.append(text)
     return out
 
 
-def raise_opset(model: ir.Model, target: int) -> None:
-    """Set the default-domain opset import to `target` (callers check `blockers` first)."""
+def raise_opset(model: ir.Model, target: int) -> int:
+    """Rewrite the ops that need it and set the default-domain opset to `target` (callers
+    check `blockers` first). Returns the number of nodes rewritten."""
+    rewritten = 0
+    names = NameSource(model.graph)
+    for node, opset in _old_nodes(model, target):
+        rewrite = _rewrite_for(node, opset, target)
+        if rewrite is not None:
+            rewrite(node, names)
+            rewritten += 1
     key = "" if "" in model.opset_imports or "ai.onnx" not in model.opset_imports else "ai.onnx"
     model.opset_imports[key] = target
+    return rewritten
+
+
+def _old_nodes(model: ir.Model, target: int) -> list[tuple[ir.Node, int]]:
+    return [
+        (node, opset)
+        for node, opset in nodes_with_opset(model, functions=False)
+        if node.domain in ("", "ai.onnx") and opset < target
+    ]
+
+
+def _schemas(op: str, old: int, new: int) -> tuple[onnx.defs.OpSchema, onnx.defs.OpSchema] | None:
+    try:
+        return onnx.defs.get_schema(op, old, ""), onnx.defs.get_schema(op, new, "")
+    except onnx.defs.SchemaError:
+        return None
 
 
 def _blocker(node: ir.Node, old: int, new: int) -> str | None:
-    op = node.op_type
-    try:
-        before = onnx.defs.get_schema(op, old, "")
-        after = onnx.defs.get_schema(op, new, "")
-    except onnx.defs.SchemaError:
+    schemas = _schemas(node.op_type, old, new)
+    if schemas is None:
         return "unknown op"
+    before, after = schemas
     if after.deprecated:
         return f"deprecated by opset {new}"
     if before.since_version == after.since_version:
@@ -71,14 +108,88 @@ def _blocker(node: ir.Node, old: int, new: int) -> str | None:
             return f"opset {new} adds the required input '{param.name}'"
     if [p.name for p in after.outputs][: len(before.outputs)] != [p.name for p in before.outputs]:
         return f"its outputs changed by opset {new}"
-    if op in _AXIS_SEMANTICS_CHANGED and before.since_version < 13 <= after.since_version:
-        if not _last_axis(node):
-            return "it normalizes over more than the last axis before opset 13"
     return None
 
 
+Rewrite = Callable[[ir.Node, NameSource], None]
+
+
+def _rewrite_for(node: ir.Node, old: int, new: int) -> Rewrite | None:
+    """The rewrite that carries `node` to opset `new`, if it needs (and has) one."""
+    schemas = _schemas(node.op_type, old, new)
+    if schemas is None or schemas[0].since_version == schemas[1].since_version:
+        return None
+    op = node.op_type
+    if op in _SOFTMAX_LIKE and schemas[0].since_version < 13 <= schemas[1].since_version:
+        if _last_axis(node):
+            return None  # same meaning: only the version changes
+        if set(node.attributes) <= {"axis"}:
+            return _flatten_softmax
+        return None
+    attribute = _ATTRIBUTE_TO_INPUT.get(op)
+    if attribute is None or attribute not in node.attributes:
+        return None
+    if attribute in schemas[1].attributes or set(node.attributes) - {attribute} - set(
+        schemas[1].attributes
+    ):
+        return None
+    return _attribute_to_input
+
+
+def _attribute_to_input(node: ir.Node, names: NameSource) -> None:
+    attribute = _ATTRIBUTE_TO_INPUT[node.op_type]
+    values = np.asarray(node.attributes[attribute].as_ints(), np.int64)
+    graph = node.graph
+    assert isinstance(graph, ir.Graph)
+    name = names.take(f"{node.name or node.op_type}_{attribute}")
+    value = ir.Value(name=name, shape=ir.Shape(values.shape), type=ir.TensorType(ir.DataType.INT64))
+    value.const_value = ir.tensor(values, name=name)
+    graph.register_initializer(value)
+    node.resize_inputs(2)
+    node.replace_input_with(1, value)
+    del node.attributes[attribute]
+
+
+def _flatten_softmax(node: ir.Node, names: NameSource) -> None:
+    """op(x, axis=k) before 13 == Reshape(op(Flatten(x, axis=k), axis=-1), Shape(x))."""
+    graph = node.graph
+    assert isinstance(graph, ir.Graph)
+    x = node.inputs[0]
+    assert x is not None
+    axis = plain_attr(node, "axis", 1)
+    base = node.name or node.op_type
+    flat = ir.Value(name=names.take(f"{base}_flat"), type=x.type)
+    shape = ir.Value(name=names.take(f"{base}_shape"), type=ir.TensorType(ir.DataType.INT64))
+    flatten = ir.Node(
+        "",
+        "Flatten",
+        [x],
+        [ir.AttrInt64("axis", axis or 0)],
+        outputs=[flat],
+        name=names.take(f"{base}_Flatten"),
+    )
+    shape_of = ir.Node("", "Shape", [x], outputs=[shape], name=names.take(f"{base}_Shape"))
+    graph.insert_before(node, [flatten, shape_of])
+    output = node.outputs[0]
+    normalized = ir.Value(name=names.take(f"{base}_2d"), type=output.type)
+    replacement = ir.Node(
+        "", node.op_type, [flat], [ir.AttrInt64("axis", -1)], outputs=[normalized], name=node.name
+    )
+    reshaped = ir.Value(name=names.take(f"{base}_reshaped"), type=output.type, shape=output.shape)
+    reshape = ir.Node(
+        "", "Reshape", [normalized, shape], outputs=[reshaped], name=names.take(f"{base}_Reshape")
+    )
+    graph.insert_after(node, [replacement, reshape])
+    # The Reshape's output takes over the old output (its name too, if it is a graph output).
+    ir.convenience.replace_all_uses_with(output, reshaped, replace_graph_outputs=True)
+    old_name = output.name
+    graph.remove(node, safe=True)
+    if reshaped.is_graph_output():
+        reshaped.name = old_name
+
+
 def _last_axis(node: ir.Node) -> bool:
-    """Whether a Softmax-like node works on the last axis only (same meaning before and
+    """Whether a Softmax-like node works on the last axis only (the same meaning before and
     after opset 13)."""
     axis = plain_attr(node, "axis", 1)
     if axis == -1:

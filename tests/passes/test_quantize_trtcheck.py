@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.errors import PassFailed
 from graphopt.model import Model
-from graphopt.passes.quantize import QuantizeOptions, QuantizePass
+from graphopt.passes.quantize import QuantizeOptions, QuantizePass, opset
 from graphopt.passes.quantize.trtcheck import check_tensorrt
 from tests import models
 from tests.passes.test_quantize import (
@@ -210,27 +210,48 @@ def test_an_old_opset_is_raised_to_13_when_every_op_keeps_its_meaning(tmp_path):
     assert cosine(run_ort(proto, feeds)[0], run_ort(model, feeds)[0]) > 0.99
 
 
-@pytest.mark.parametrize(
-    ("extra", "y_shape", "words"),
-    [
-        (
-            [helper.make_node("Squeeze", ["c2"], ["y"], name="squeeze", axes=[0])],
-            [16, 4, 4],
-            ["squeeze (Squeeze-11)", "axes"],
-        ),
-        (
-            [
-                helper.make_node("Flatten", ["c2"], ["f"], name="flatten"),
-                helper.make_node("Unsqueeze", ["f"], ["u"], name="unsqueeze", axes=[0]),
-                helper.make_node("Softmax", ["u"], ["y"], name="softmax", axis=1),
-            ],
-            [1, 1, 256],
-            ["unsqueeze (Unsqueeze-11)", "softmax (Softmax-11)", "last axis"],
-        ),
-    ],
-)
-def test_an_old_opset_that_cannot_be_raised_fails_the_pass(tmp_path, extra, y_shape, words):
-    proto = _conv_net(11, extra, y_shape)
+def _rewritten_ops() -> list[onnx.NodeProto]:
+    """Opset-11 ops whose attribute became an input at 13, and a Softmax over more than the
+    last axis: c2 [1,16,4,4] -> Squeeze/Unsqueeze/ReduceSum/Split -> Softmax(axis=1)."""
+    mk = helper.make_node
+    return [
+        mk("Unsqueeze", ["c2"], ["u"], name="unsqueeze", axes=[0]),  # [1,1,16,4,4]
+        mk("Squeeze", ["u"], ["s"], name="squeeze", axes=[0]),  # [1,16,4,4]
+        mk("Split", ["s"], ["s1", "s2"], name="split", axis=1, split=[4, 12]),
+        mk("ReduceSum", ["s2"], ["rs"], name="reduce", axes=[1], keepdims=1),  # [1,1,4,4]
+        mk("Add", ["s1", "rs"], ["a"], name="add"),  # [1,4,4,4]
+        mk("Softmax", ["a"], ["y"], name="softmax", axis=1),  # over 4x4x4 before opset 13
+    ]
+
+
+def test_ops_whose_attribute_became_an_input_are_rewritten_exactly():
+    proto = _conv_net(11, _rewritten_ops(), [1, 4, 4, 4])
+    model = Model(ir=ir.from_proto(proto))
+    assert opset.blockers(model.ir, 13) == []
+    assert opset.raise_opset(model.ir, 13) == 5
+    raised = model.to_proto()
+    onnx.checker.check_model(raised, full_check=True)
+    assert raised.opset_import[0].version == 13
+    feeds = calib_feeds(proto, samples=1, seed=9)
+    (expected,) = run_ort(proto, feeds)
+    (actual,) = run_ort(raised, feeds)
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-7)
+    # The Softmax still normalizes over the 64 trailing values, not over axis 1 alone.
+    assert np.allclose(actual.reshape(1, -1).sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_an_old_opset_with_rewritten_ops_is_quantized(tmp_path):
+    proto = _conv_net(11, _rewritten_ops(), [1, 4, 4, 4])
+    model, result = quantize(proto, tmp_path, cleanup=False, target="tensorrt")
+    assert result.stats["opset_raised_from"] == 11 and result.stats["opset_rewritten_nodes"] == 5
+    assert check_tensorrt(model.ir) == []
+    feeds = calib_feeds(proto, samples=2)
+    assert cosine(run_ort(proto, feeds)[0], run_ort(model, feeds)[0]) > 0.99
+
+
+def test_an_old_opset_that_cannot_be_raised_fails_the_pass(tmp_path):
+    extra = [helper.make_node("Dropout", ["c2"], ["y"], name="dropout", ratio=0.25)]
+    proto = _conv_net(11, extra)
     model = Model(ir=ir.from_proto(proto))
     before = model.to_proto().SerializeToString()
     with pytest.raises(PassFailed) as info:
@@ -239,7 +260,7 @@ def test_an_old_opset_that_cannot_be_raised_fails_the_pass(tmp_path, extra, y_sh
         )
     paragraph = info.value.paragraph()
     assert "opset 11" in paragraph and "opset 13" in paragraph and "Re-export" in paragraph
-    for word in words:
-        assert word in paragraph
+    assert "dropout (Dropout-11): uses attribute(s) ratio" in paragraph
+    assert info.value.node == "dropout"
     assert model.ir.opset_imports[""] == 11
     assert model.to_proto().SerializeToString() == before
