@@ -1,0 +1,690 @@
+"""Benchmark: INT8 quantization of PP-OCRv4's text recogniser, graphopt against ONNX Runtime.
+
+The model is the real `ch_PP-OCRv4_rec_infer.onnx` from the rapidocr-onnxruntime 1.4.4 wheel
+(fetched once with `pip download --no-deps` into the cache folder; a CTC recogniser, input
+x[N,3,48,320] normalised as (x/255-0.5)/0.5, output [N,T,6625] probabilities, its character
+list in the model's metadata). The data are text lines rendered with Pillow (benchmarks/ppocr/
+lines.py): a 512-line calibration split and a separate test split (1000 lines by default),
+written to the cache as .npz (key "x") with the strings beside them as JSON.
+
+Every measurement runs in its own child process (wall time and peak RSS of that child alone,
+from os.wait4), under a memory limit (RLIMIT_AS) and a timeout, so that a run that blows up is
+recorded as OOM or timeout instead of taking the benchmark down:
+
+  fp32        the floor: one FP32 forward pass over the same calibration samples;
+  ort         onnxruntime.quantization.quantize_static, QDQ, per-channel int8 weights, with
+              uint8 activations (ORT's default) and with symmetric int8 activations
+              (ActivationSymmetric, what TensorRT takes), calibrate_method MinMax, Percentile,
+              Entropy;
+  graphopt    load_model -> cleanup -> quantize(target=tensorrt|ort-cpu, calibrator=...,
+              samples=N) -> save_model, when the `quantize` pass is registered (otherwise the
+              rows say "not available");
+
+then, for every model produced: CER on the test split, fidelity against FP32 (cosine of the
+probabilities, argmax agreement per time step, identical decoded lines), and ONNX Runtime CPU
+latency at batch 1 and 16 with 1 and 2 threads (FP32 and one model per tool and activation
+type / target: latency does not depend on the calibration method or sample count).
+
+Prints three tables and writes a JSON report (default <cache>/report.json), updated after
+every run. Not run by CI.
+
+    python benchmarks/bench_quantize_ppocr.py --quick          # smoke run, a few minutes
+    python benchmarks/bench_quantize_ppocr.py                  # 64/256/512 samples, all rows
+    python benchmarks/bench_quantize_ppocr.py --skip-graphopt  # FP32 and ORT rows only
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import re
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, os.fspath(Path(__file__).resolve().parent))
+
+from ppocr import runs  # noqa: E402
+from ppocr.model import fetch_model, read_characters  # noqa: E402
+
+DEFAULT_CACHE = Path(".cache/ppocr")
+CALIB_LINES, CALIB_SEED, TEST_SEED = 512, 1, 2
+DATA_VERSION = 1  # bump when ppocr/lines.py renders differently
+ORT_VARIANTS = {"uint8": "ORT uint8-act", "int8": "ORT int8-sym-act"}
+GRAPHOPT_TARGETS = {"tensorrt": "graphopt tensorrt", "ort-cpu": "graphopt ort-cpu"}
+ALL_METHODS = ("minmax", "percentile", "entropy", "mse")
+OOM_PATTERN = re.compile(
+    r"MemoryError|bad_alloc|bad allocation|Unable to allocate|Failed to allocate|"
+    r"Cannot allocate memory|out of memory",
+    re.IGNORECASE,
+)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- children
+
+
+def _child_main(spec_text: str) -> None:
+    job = json.loads(spec_text)
+    function = getattr(runs, job.pop("job"))
+    kwargs = {
+        key: Path(value) if key in _PATH_KEYS and value is not None else value
+        for key, value in job.items()
+    }
+    result = function(**kwargs)
+    result["peak_rss_self_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+_PATH_KEYS = {"model", "calib", "test", "out", "workdir", "reference"}
+
+
+def run_child(job: dict[str, Any], *, mem_limit_gb: float, timeout_s: float) -> dict[str, Any]:
+    """Run one job in a fresh process; its wall time, peak RSS and status.
+
+    status: "ok", "OOM" (a failed allocation under the RLIMIT_AS limit, or killed by the
+    kernel), "timeout", or "error".
+    """
+    command = [sys.executable, os.fspath(Path(__file__).resolve()), "--child", json.dumps(job)]
+    limit = int(mem_limit_gb * 2**30)
+
+    def set_limits() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        # Output goes to files, not pipes: nothing reads a pipe while we wait.
+        process = subprocess.Popen(
+            command, stdout=out, stderr=err, text=True, preexec_fn=set_limits
+        )
+        timed_out = False
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() - start > timeout_s:
+                process.kill()
+                _, status, usage = os.wait4(process.pid, 0)
+                timed_out = True
+                break
+            time.sleep(0.05)
+        wall = time.perf_counter() - start
+        process.returncode = code = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    record: dict[str, Any] = {
+        "process_wall_s": wall,
+        "peak_rss_mib": usage.ru_maxrss / 1024,  # Linux: KiB
+        "exit_code": code,
+    }
+    line = next((ln for ln in stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if timed_out:
+        record["status"] = "timeout"
+    elif code == 0 and line is not None:
+        record["status"] = "ok"
+        record.update(json.loads(line[len("RESULT ") :]))
+        return record
+    elif code == -signal.SIGKILL or OOM_PATTERN.search(stderr):
+        record["status"] = "OOM"
+    else:
+        record["status"] = "error"
+    tail = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    record["error"] = tail[-1][:300] if tail else f"exit code {code}"
+    record["stderr_tail"] = stderr[-3000:]
+    return record
+
+
+def _job_key(job: dict[str, Any]) -> str:
+    """What a result depends on: the job, the model file it reads (a re-quantized model is a
+    new file), and for graphopt jobs graphopt's own sources (the passes are being written)."""
+    digest = hashlib.sha256(json.dumps(job, sort_keys=True).encode())
+    model = Path(job.get("model", ""))
+    if model.is_file():
+        info = model.stat()
+        digest.update(f"{info.st_size}:{info.st_mtime_ns}".encode())
+    if job["job"] == "graphopt_quantize":
+        root = Path(__file__).resolve().parent.parent
+        for folder in ("graphopt", "passes", "calibration"):
+            for source in sorted((root / folder).rglob("*.py")):
+                digest.update(source.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+class Runner:
+    """Runs jobs, keeps their records by tag, and (with --resume) reuses finished ones."""
+
+    def __init__(self, folder: Path, resume: bool, mem_limit_gb: float, timeout_s: float) -> None:
+        self.folder = folder
+        self.resume = resume
+        self.mem_limit_gb = mem_limit_gb
+        self.timeout_s = timeout_s
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, tag: str, job: dict[str, Any], what: str) -> dict[str, Any]:
+        key = _job_key(job)
+        saved = self.folder / f"{tag}.json"
+        if self.resume and saved.exists():
+            record = json.loads(saved.read_text())
+            if record.get("job_key") == key and record.get("status") in ("ok", "OOM", "timeout"):
+                log(f"[{tag}] reused from {saved}")
+                return record
+        log(f"[{tag}] {what} ...")
+        record = run_child(job, mem_limit_gb=self.mem_limit_gb, timeout_s=self.timeout_s)
+        record["job_key"] = key
+        note = f"{record['process_wall_s']:.1f} s, peak RSS {record['peak_rss_mib']:.0f} MiB"
+        if record["status"] != "ok":
+            note += f" -- {record['status']}: {record.get('error', '')}"
+        log(f"[{tag}] {record['status']} ({note})")
+        saved.write_text(json.dumps(record, indent=1) + "\n")
+        return record
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def prepare_data(cache: Path, calib_lines: int, test_lines: int, model: Path) -> tuple[Path, Path]:
+    """Render (once) the calibration and test splits into <cache>/data."""
+    from ppocr.lines import find_fonts, make_lines, write_split
+
+    folder = cache / "data"
+    characters = set(read_characters(model)[1:])
+    fonts = find_fonts()
+    paths = []
+    for name, count, seed in (
+        ("calib", calib_lines, CALIB_SEED),
+        ("test", test_lines, TEST_SEED),
+    ):
+        stem = f"{name}_{count}_seed{seed}_v{DATA_VERSION}"
+        npz = folder / f"{stem}.npz"
+        if not (npz.exists() and npz.with_name(f"{stem}.labels.json").exists()):
+            log(
+                f"rendering {count} {name} lines (seed {seed}, "
+                f"{len(fonts) or 'no TrueType'} fonts{'' if fonts else ', Pillow default'}) ..."
+            )
+            x, labels = make_lines(count, seed, characters, fonts)
+            write_split(folder, stem, x, labels)
+        paths.append(npz)
+    return paths[0], paths[1]
+
+
+def graphopt_quantize_status() -> str | None:
+    """None when graphopt's `quantize` pass is registered, else why not."""
+    try:
+        from graphopt.passes.base import get_pass
+
+        get_pass("quantize")
+    except Exception as exc:  # noqa: BLE001 - any failure means "not available"
+        return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    return None
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _machine() -> dict[str, Any]:
+    memory = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return {
+        "platform": platform.platform(),
+        "processor": platform.machine(),
+        "cpus": os.cpu_count(),
+        "memory_gib": memory,
+        "python": platform.python_version(),
+    }
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in (
+        "graphopt",
+        "onnx",
+        "onnx-ir",
+        "onnxruntime",
+        "onnxruntime-gpu",
+        "numpy",
+        "pillow",
+    ):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def _fmt(value: Any, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def _print_table(title: str, header: list[str], rows: list[list[str]], note: str = "") -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        print(title)
+        for row in [header, *rows]:
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+    else:
+        table = Table(title=title)
+        for i, name in enumerate(header):
+            table.add_column(name, justify="left" if i < 2 else "right")
+        for row in rows:
+            table.add_row(*row)
+        Console(width=160).print(table)
+    if note:
+        print(note)
+
+
+def print_tables(report: dict[str, Any]) -> None:
+    calib, accuracy, latency = report["calibration"], report["accuracy"], report["latency"]
+    floor = {r["samples"]: r for r in calib if r["tool"] == "fp32"}
+    rows = []
+    for r in calib:
+        base = floor.get(r["samples"], {})
+        ok = r["status"] == "ok"
+        ratio = (
+            f"{r['work_s'] / base['work_s']:.1f}x"
+            if ok and base.get("status") == "ok" and r["tool"] != "fp32"
+            else ("1.0x" if r["tool"] == "fp32" and ok else "-")
+        )
+        rows.append(
+            [
+                r["label"],
+                r["method"],
+                str(r["samples"]),
+                r["status"] if r["status"] != "error" else f"error: {r.get('error', '')[:40]}",
+                _fmt(r.get("work_s"), ".1f") if ok else "-",
+                _fmt(r.get("process_wall_s"), ".1f") if "process_wall_s" in r else "-",
+                ratio,
+                _fmt(r.get("peak_rss_mib"), ",.0f") if "peak_rss_mib" in r else "-",
+            ]
+        )
+    _print_table(
+        "Calibration + quantization: time and peak memory",
+        ["run", "method", "samples", "status", "work s", "process s", "x FP32 fwd", "peak RSS MiB"],
+        rows,
+        "work s: from reading the model to the saved quantized model (FP32: reading the samples "
+        "and one forward pass), in the child; process s: the whole child, imports included; "
+        "x FP32 fwd: work s over the FP32 row's work s at the same samples; peak RSS: ru_maxrss "
+        f"of that child. Batches: {report['settings']['batch']} samples for the FP32 floor and "
+        f"graphopt, {report['settings']['ort_batch']} per get_next() of ORT's reader. Memory "
+        f"limit {report['settings']['mem_limit_gb']} GB (RLIMIT_AS), timeout "
+        f"{report['settings']['timeout_s']:.0f} s.",
+    )
+    fp32_cer = next((r["cer"] for r in accuracy if r["tool"] == "fp32" and "cer" in r), None)
+    rows = []
+    for r in accuracy:
+        if "cer" not in r:
+            rows.append([r["label"], r["method"], str(r["samples"]), r["status"], *["-"] * 7])
+            continue
+        delta = (
+            "-"
+            if fp32_cer is None or r["tool"] == "fp32"
+            else f"{100 * (r['cer'] - fp32_cer):+.2f}"
+        )
+        rows.append(
+            [
+                r["label"],
+                r["method"],
+                str(r["samples"] or "-"),
+                f"{100 * r['cer']:.2f}",
+                delta,
+                f"{100 * r['cer_no_spaces']:.2f}",
+                f"{100 * r['line_accuracy']:.1f}",
+                _fmt(r.get("cosine_mean"), ".4f"),
+                _fmt(r.get("cosine_min"), ".4f"),
+                _fmt(r.get("argmax_agreement") and 100 * r["argmax_agreement"], ".2f"),
+                _fmt(r.get("text_agreement") and 100 * r["text_agreement"], ".1f"),
+            ]
+        )
+    _print_table(
+        f"Accuracy on {report['data']['test_lines']} rendered test lines",
+        [
+            "model",
+            "method",
+            "samples",
+            "CER %",
+            "vs FP32 pts",
+            "CER no spaces %",
+            "lines exact %",
+            "cosine mean",
+            "cosine min",
+            "argmax agree %",
+            "same text %",
+        ],
+        rows,
+        "CER: edit distance / ground-truth characters (predictions stripped of leading and "
+        "trailing spaces); cosine: per line over the [T, C] probabilities, against FP32; "
+        "argmax agree: time steps with FP32's most likely class; same text: lines decoded "
+        "exactly as FP32 decodes them.",
+    )
+    fp32 = {(r["threads"], r["batch"]): r["median_ms"] for r in latency if r["tool"] == "fp32"}
+    rows = []
+    for r in latency:
+        if "median_ms" not in r:
+            rows.append([r["label"], r["method"], "-", "-", r["status"], "-", "-"])
+            continue
+        base = fp32.get((r["threads"], r["batch"]))
+        rows.append(
+            [
+                r["label"],
+                f"{r['method']} @{r['samples']}" if r["tool"] != "fp32" else "",
+                str(r["threads"]),
+                str(r["batch"]),
+                f"{r['median_ms']:.2f}",
+                f"{r['p90_ms']:.2f}",
+                f"{base / r['median_ms']:.2f}x" if base else "-",
+            ]
+        )
+    _print_table(
+        "ONNX Runtime CPU latency",
+        ["model", "from", "threads", "batch", "median ms", "p90 ms", "speed-up vs FP32"],
+        rows,
+        "One session per thread count (intra-op threads, sequential execution); median and p90 "
+        "of timed runs after warm-up; the quantized models' latency does not depend on the "
+        "calibration method or samples, so one model per tool and activation type is timed.",
+    )
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="cache folder")
+    parser.add_argument("--samples", default="64,256,512", help="calibration sample counts")
+    parser.add_argument(
+        "--methods",
+        default=",".join(ALL_METHODS),
+        help=f"calibration methods, any of {','.join(ALL_METHODS)} (ORT has no mse)",
+    )
+    parser.add_argument("--test-lines", type=int, default=1000, help="lines in the test split")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=16,
+        help="batch size of the FP32 floor, graphopt's calibration and the evaluation",
+    )
+    parser.add_argument(
+        "--ort-batch",
+        type=int,
+        default=1,
+        help="samples per get_next() of ORT's CalibrationDataReader (1: ORT's own examples; "
+        "less memory and faster than 16 for this model)",
+    )
+    parser.add_argument("--skip-ort", action="store_true", help="no ORT quantize_static rows")
+    parser.add_argument("--skip-graphopt", action="store_true", help="no graphopt rows")
+    parser.add_argument("--skip-latency", action="store_true", help="no latency table")
+    parser.add_argument("--latency-runs", type=int, default=40, help="timed runs at batch 1")
+    parser.add_argument(
+        "--mem-limit-gb", type=float, default=16.0, help="address-space limit of each child"
+    )
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per child")
+    parser.add_argument(
+        "--resume", action="store_true", help="reuse the finished runs of an earlier invocation"
+    )
+    parser.add_argument("--report", type=Path, help="JSON report (default <cache>/report.json)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 16,32 samples, 64 test lines, few latency runs",
+    )
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        if args.samples == parser.get_default("samples"):
+            args.samples = "16,32"
+        if args.test_lines == parser.get_default("test_lines"):
+            args.test_lines = 64
+        if args.latency_runs == parser.get_default("latency_runs"):
+            args.latency_runs = 8
+    try:
+        args.sample_counts = sorted({int(s) for s in args.samples.split(",") if s.strip()})
+    except ValueError:
+        parser.error(f"--samples takes comma-separated integers, not {args.samples!r}")
+    args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = set(args.method_list) - set(ALL_METHODS)
+    if unknown or not args.method_list or not args.sample_counts:
+        parser.error(f"--methods takes some of {','.join(ALL_METHODS)}; got {args.methods!r}")
+    if min(args.sample_counts) < 1 or args.test_lines < 16:
+        parser.error("--samples must be positive and --test-lines at least 16")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.child:
+        _child_main(args.child)
+        return
+    cache = args.cache.resolve()
+    report_path = args.report or cache / "report.json"
+    model = fetch_model(cache)
+    calib_lines = CALIB_LINES if not args.quick else max(args.sample_counts)
+    calib_lines = max(calib_lines, max(args.sample_counts))
+    calib, test = prepare_data(cache, calib_lines, args.test_lines, model)
+    run = Runner(cache / "runs", args.resume, args.mem_limit_gb, args.timeout)
+    models = cache / "models"
+    reference = cache / "work" / f"fp32_probs_{test.stem}.npy"
+    reference.parent.mkdir(parents=True, exist_ok=True)
+
+    report: dict[str, Any] = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": _machine(),
+        "versions": _versions(),
+        "settings": {
+            "samples": args.sample_counts,
+            "methods": args.method_list,
+            "batch": args.batch,
+            "ort_batch": args.ort_batch,
+            "mem_limit_gb": args.mem_limit_gb,
+            "timeout_s": args.timeout,
+            "latency_runs_batch1": args.latency_runs,
+        },
+        "model": {"file": os.fspath(model), "bytes": model.stat().st_size},
+        "data": {
+            "calib": os.fspath(calib),
+            "test": os.fspath(test),
+            "calib_lines": calib_lines,
+            "test_lines": args.test_lines,
+        },
+        "calibration": [],
+        "accuracy": [],
+        "latency": [],
+        "graphopt_quantize": None,
+    }
+
+    def save() -> None:
+        report_path.parent.mkdir(parents=True, exist_ok=True)
+        partial = report_path.with_suffix(".part")
+        partial.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+        partial.replace(report_path)
+
+    def row(tool: str, label: str, method: str, samples: int, record: dict[str, Any]) -> dict:
+        return {"tool": tool, "label": label, "method": method, "samples": samples, **record}
+
+    # The FP32 reference on the test split (its probabilities are what fidelity compares to).
+    evaluation = {"job": "evaluate", "test": os.fspath(test), "batch": args.batch}
+    record = run(
+        "eval-fp32",
+        {
+            **evaluation,
+            "model": os.fspath(model),
+            "reference": os.fspath(reference),
+            "write_reference": True,
+        },
+        f"FP32 on {args.test_lines} test lines",
+    )
+    if record["status"] != "ok":
+        raise SystemExit(f"The FP32 model failed on the test lines: {record.get('error')}")
+    report["accuracy"].append(row("fp32", "FP32", "", 0, record))
+    log(f"FP32 CER {100 * record['cer']:.2f} % on {args.test_lines} lines")
+    save()
+
+    # The floor: FP32 forward over the calibration samples.
+    for n in args.sample_counts:
+        job = {
+            "job": "fp32_forward",
+            "model": os.fspath(model),
+            "calib": os.fspath(calib),
+            "samples": n,
+            "batch": args.batch,
+        }
+        report["calibration"].append(
+            row(
+                "fp32",
+                "FP32 forward (floor)",
+                "",
+                n,
+                run(f"fp32-fwd-{n}", job, f"FP32 forward over {n} samples"),
+            )
+        )
+    save()
+
+    # Quantized models: (tool, variant, method, samples) -> path, for evaluation and latency.
+    produced: list[tuple[str, str, str, str, int, Path]] = []
+
+    def evaluate(tool: str, label: str, tag: str, method: str, n: int, path: Path) -> None:
+        job = {
+            **evaluation,
+            "model": os.fspath(path),
+            "reference": os.fspath(reference),
+            "write_reference": False,
+        }
+        record = run(f"eval-{tag}", job, f"CER and fidelity of {tag}")
+        report["accuracy"].append(row(tool, label, method, n, record))
+        if "cer" in record:
+            log(
+                f"[eval-{tag}] CER {100 * record['cer']:.2f} %, argmax agreement "
+                f"{100 * record['argmax_agreement']:.2f} %"
+            )
+        save()
+
+    if not args.skip_ort:
+        for variant, label in ORT_VARIANTS.items():
+            for method in (m for m in args.method_list if m in runs.ORT_METHODS):
+                for n in args.sample_counts:
+                    tag = f"ort-{variant}-{method}-{n}"
+                    path = models / f"{tag}.onnx"
+                    job = {
+                        "job": "ort_quantize",
+                        "model": os.fspath(model),
+                        "calib": os.fspath(calib),
+                        "samples": n,
+                        "batch": args.ort_batch,
+                        "method": method,
+                        "activations": variant,
+                        "out": os.fspath(path),
+                    }
+                    record = run(
+                        tag, job, f"quantize_static {method}, {variant} activations, {n} samples"
+                    )
+                    report["calibration"].append(row("ort-" + variant, label, method, n, record))
+                    save()
+                    if record["status"] == "ok":
+                        produced.append(("ort-" + variant, label, tag, method, n, path))
+                        evaluate("ort-" + variant, label, tag, method, n, path)
+                    else:
+                        report["accuracy"].append(
+                            row("ort-" + variant, label, method, n, {"status": record["status"]})
+                        )
+
+    if not args.skip_graphopt:
+        missing = graphopt_quantize_status()
+        report["graphopt_quantize"] = (
+            "available" if missing is None else f"not available: {missing}"
+        )
+        for target, label in GRAPHOPT_TARGETS.items():
+            for method in args.method_list:
+                for n in args.sample_counts:
+                    tag = f"graphopt-{target}-{method}-{n}"
+                    if missing is not None:
+                        report["calibration"].append(
+                            row(
+                                "graphopt-" + target,
+                                label,
+                                method,
+                                n,
+                                {"status": "not available", "error": missing},
+                            )
+                        )
+                        continue
+                    path = models / f"{tag}.onnx"
+                    job = {
+                        "job": "graphopt_quantize",
+                        "model": os.fspath(model),
+                        "calib": os.fspath(calib),
+                        "samples": n,
+                        "batch": args.batch,
+                        "method": method,
+                        "target": target,
+                        "out": os.fspath(path),
+                        "workdir": os.fspath(cache / "work" / tag),
+                    }
+                    record = run(tag, job, f"graphopt quantize {target} {method}, {n} samples")
+                    report["calibration"].append(
+                        row("graphopt-" + target, label, method, n, record)
+                    )
+                    save()
+                    if record["status"] == "ok":
+                        produced.append(("graphopt-" + target, label, tag, method, n, path))
+                        evaluate("graphopt-" + target, label, tag, method, n, path)
+                    else:
+                        report["accuracy"].append(
+                            row(
+                                "graphopt-" + target, label, method, n, {"status": record["status"]}
+                            )
+                        )
+        if missing is not None:
+            log(f"graphopt rows: not available ({missing})")
+
+    if not args.skip_latency:
+        timed: list[tuple[str, str, str, str, int, Path]] = [("fp32", "FP32", "fp32", "", 0, model)]
+        order = {m: i for i, m in enumerate(ALL_METHODS)}
+        for tool in dict.fromkeys(p[0] for p in produced):
+            mine = [p for p in produced if p[0] == tool]
+            timed.append(max(mine, key=lambda p: (p[4], -order[p[3]])))
+        for tool, label, tag, method, n, path in timed:
+            job = {
+                "job": "latency",
+                "model": os.fspath(path),
+                "test": os.fspath(test),
+                "threads": [1, 2],
+                "sizes": [1, 16],
+                "runs": args.latency_runs,
+                "warmup": 5 if not args.quick else 2,
+            }
+            record = run(f"latency-{tag}", job, f"latency of {tag}")
+            if record["status"] != "ok":
+                report["latency"].append(row(tool, label, method, n, {"status": record["status"]}))
+                continue
+            for r in record["rows"]:
+                report["latency"].append(row(tool, label, method, n, r))
+            save()
+
+    save()
+    print_tables(report)
+    print(f"report: {report_path}")
+
+
+if __name__ == "__main__":
+    main()
