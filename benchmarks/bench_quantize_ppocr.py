@@ -61,6 +61,10 @@ DATA_VERSION = 1  # bump when ppocr/lines.py renders differently
 ORT_VARIANTS = {"uint8": "ORT uint8-act", "int8": "ORT int8-sym-act"}
 GRAPHOPT_TARGETS = {"tensorrt": "graphopt tensorrt", "ort-cpu": "graphopt ort-cpu"}
 ALL_METHODS = ("minmax", "percentile", "entropy", "mse")
+OTHERS_NOTE = (
+    "others' cores: CPU time used by other processes during the run (the machine's busy time "
+    "minus the child's), in cores; timings taken with values well above 0 are inflated."
+)
 OOM_PATTERN = re.compile(
     r"MemoryError|bad_alloc|bad allocation|Unable to allocate|Failed to allocate|"
     r"Cannot allocate memory|out of memory",
@@ -103,6 +107,7 @@ def run_child(job: dict[str, Any], *, mem_limit_gb: float, timeout_s: float) -> 
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        busy_before = _cpu_busy_s()
         start = time.perf_counter()
         # Output goes to files, not pipes: nothing reads a pipe while we wait.
         process = subprocess.Popen(
@@ -120,6 +125,7 @@ def run_child(job: dict[str, Any], *, mem_limit_gb: float, timeout_s: float) -> 
                 break
             time.sleep(0.05)
         wall = time.perf_counter() - start
+        busy = _cpu_busy_s() - busy_before
         process.returncode = code = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
@@ -128,6 +134,12 @@ def run_child(job: dict[str, Any], *, mem_limit_gb: float, timeout_s: float) -> 
         "process_wall_s": wall,
         "peak_rss_mib": usage.ru_maxrss / 1024,  # Linux: KiB
         "exit_code": code,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        # Busy CPU time of the whole machine during the run minus the child's own: other
+        # processes competing for the cores, in cores (0 on a quiet machine).
+        "others_cores": max(0.0, busy - usage.ru_utime - usage.ru_stime) / wall
+        if busy is not None and wall > 0
+        else None,
     }
     line = next((ln for ln in stdout.splitlines() if ln.startswith("RESULT ")), None)
     if timed_out:
@@ -146,6 +158,17 @@ def run_child(job: dict[str, Any], *, mem_limit_gb: float, timeout_s: float) -> 
     return record
 
 
+def _cpu_busy_s() -> float | None:
+    """Busy CPU seconds of the whole machine since boot (all cores), from /proc/stat."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return None
+    ticks = [int(v) for v in fields]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def _job_key(job: dict[str, Any]) -> str:
     """What a result depends on: the job, the model file it reads (a re-quantized model is a
     new file), and for graphopt jobs graphopt's own sources (the passes are being written)."""
@@ -162,11 +185,34 @@ def _job_key(job: dict[str, Any]) -> str:
     return digest.hexdigest()[:16]
 
 
+def _wait_for_quiet(max_wait_s: float, tag: str) -> float | None:
+    """Wait (at most max_wait_s) until other processes use under 0.25 cores, measured over
+    2 s; timings taken while others compete for the cores are not worth much. Returns the
+    last measurement, in cores."""
+    deadline = time.monotonic() + max_wait_s
+    told = False
+    while True:
+        first = _cpu_busy_s()
+        time.sleep(2.0)
+        second = _cpu_busy_s()
+        if first is None or second is None:
+            return None
+        busy = (second - first) / 2.0
+        if busy < 0.25 or time.monotonic() >= deadline:
+            return busy
+        if not told:
+            log(f"[{tag}] other processes use {busy:.1f} cores; waiting up to {max_wait_s:.0f} s")
+            told = True
+
+
 class Runner:
     """Runs jobs, keeps their records by tag, and (with --resume) reuses finished ones."""
 
-    def __init__(self, folder: Path, resume: bool, mem_limit_gb: float, timeout_s: float) -> None:
+    def __init__(
+        self, folder: Path, resume: bool, mem_limit_gb: float, timeout_s: float, wait_s: float
+    ) -> None:
         self.folder = folder
+        self.wait_s = wait_s
         self.resume = resume
         self.mem_limit_gb = mem_limit_gb
         self.timeout_s = timeout_s
@@ -180,10 +226,14 @@ class Runner:
             if record.get("job_key") == key and record.get("status") in ("ok", "OOM", "timeout"):
                 log(f"[{tag}] reused from {saved}")
                 return record
+        others_before = _wait_for_quiet(self.wait_s, tag)
         log(f"[{tag}] {what} ...")
         record = run_child(job, mem_limit_gb=self.mem_limit_gb, timeout_s=self.timeout_s)
         record["job_key"] = key
+        record["others_cores_before"] = others_before
         note = f"{record['process_wall_s']:.1f} s, peak RSS {record['peak_rss_mib']:.0f} MiB"
+        if record.get("others_cores") is not None and record["others_cores"] > 0.25:
+            note += f", other processes busy: {record['others_cores']:.1f} cores"
         if record["status"] != "ok":
             note += f" -- {record['status']}: {record.get('error', '')}"
         log(f"[{tag}] {record['status']} ({note})")
@@ -270,6 +320,23 @@ def _versions() -> dict[str, str]:
     return found
 
 
+def _graphopt_tree() -> dict[str, Any]:
+    """The commit graphopt ran from, and its files that differ from it (others may be editing)."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        try:
+            done = subprocess.run(
+                ["git", *args], cwd=root, capture_output=True, text=True, check=True
+            )
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+        return done.stdout.strip()
+
+    changed = git("status", "--porcelain", "--", "graphopt", "passes", "calibration")
+    return {"commit": git("rev-parse", "HEAD"), "uncommitted": changed.splitlines()}
+
+
 def _fmt(value: Any, spec: str, missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
@@ -316,11 +383,22 @@ def print_tables(report: dict[str, Any]) -> None:
                 _fmt(r.get("process_wall_s"), ".1f") if "process_wall_s" in r else "-",
                 ratio,
                 _fmt(r.get("peak_rss_mib"), ",.0f") if "peak_rss_mib" in r else "-",
+                _fmt(r.get("others_cores"), ".2f"),
             ]
         )
     _print_table(
         "Calibration + quantization: time and peak memory",
-        ["run", "method", "samples", "status", "work s", "process s", "x FP32 fwd", "peak RSS MiB"],
+        [
+            "run",
+            "method",
+            "samples",
+            "status",
+            "work s",
+            "process s",
+            "x FP32 fwd",
+            "peak RSS MiB",
+            "others' cores",
+        ],
         rows,
         "work s: from reading the model to the saved quantized model (FP32: reading the samples "
         "and one forward pass), in the child; process s: the whole child, imports included; "
@@ -328,7 +406,7 @@ def print_tables(report: dict[str, Any]) -> None:
         f"of that child. Batches: {report['settings']['batch']} samples for the FP32 floor and "
         f"graphopt, {report['settings']['ort_batch']} per get_next() of ORT's reader. Memory "
         f"limit {report['settings']['mem_limit_gb']} GB (RLIMIT_AS), timeout "
-        f"{report['settings']['timeout_s']:.0f} s.",
+        f"{report['settings']['timeout_s']:.0f} s. " + OTHERS_NOTE,
     )
     fp32_cer = next((r["cer"] for r in accuracy if r["tool"] == "fp32" and "cer" in r), None)
     rows = []
@@ -381,7 +459,7 @@ def print_tables(report: dict[str, Any]) -> None:
     rows = []
     for r in latency:
         if "median_ms" not in r:
-            rows.append([r["label"], r["method"], "-", "-", r["status"], "-", "-"])
+            rows.append([r["label"], r["method"], "-", "-", r["status"], "-", "-", "-"])
             continue
         base = fp32.get((r["threads"], r["batch"]))
         rows.append(
@@ -393,15 +471,26 @@ def print_tables(report: dict[str, Any]) -> None:
                 f"{r['median_ms']:.2f}",
                 f"{r['p90_ms']:.2f}",
                 f"{base / r['median_ms']:.2f}x" if base else "-",
+                _fmt(r.get("others_cores"), ".2f"),
             ]
         )
     _print_table(
         "ONNX Runtime CPU latency",
-        ["model", "from", "threads", "batch", "median ms", "p90 ms", "speed-up vs FP32"],
+        [
+            "model",
+            "from",
+            "threads",
+            "batch",
+            "median ms",
+            "p90 ms",
+            "speed-up vs FP32",
+            "others' cores",
+        ],
         rows,
         "One session per thread count (intra-op threads, sequential execution); median and p90 "
         "of timed runs after warm-up; the quantized models' latency does not depend on the "
-        "calibration method or samples, so one model per tool and activation type is timed.",
+        "calibration method or samples, so one model per tool and activation type is timed. "
+        + OTHERS_NOTE,
     )
 
 
@@ -439,6 +528,13 @@ def parse_args() -> argparse.Namespace:
         "--mem-limit-gb", type=float, default=16.0, help="address-space limit of each child"
     )
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per child")
+    parser.add_argument(
+        "--wait-idle",
+        type=float,
+        default=120.0,
+        help="before each run, wait up to this many seconds for other processes to leave the "
+        "cores alone (0: do not wait); how busy they were is recorded either way",
+    )
     parser.add_argument(
         "--resume", action="store_true", help="reuse the finished runs of an earlier invocation"
     )
@@ -481,7 +577,7 @@ def main() -> None:
     calib_lines = CALIB_LINES if not args.quick else max(args.sample_counts)
     calib_lines = max(calib_lines, max(args.sample_counts))
     calib, test = prepare_data(cache, calib_lines, args.test_lines, model)
-    run = Runner(cache / "runs", args.resume, args.mem_limit_gb, args.timeout)
+    run = Runner(cache / "runs", args.resume, args.mem_limit_gb, args.timeout, args.wait_idle)
     models = cache / "models"
     reference = cache / "work" / f"fp32_probs_{test.stem}.npy"
     reference.parent.mkdir(parents=True, exist_ok=True)
@@ -491,6 +587,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": _machine(),
         "versions": _versions(),
+        "graphopt_tree": _graphopt_tree(),
         "settings": {
             "samples": args.sample_counts,
             "methods": args.method_list,
@@ -678,6 +775,7 @@ def main() -> None:
                 report["latency"].append(row(tool, label, method, n, {"status": record["status"]}))
                 continue
             for r in record["rows"]:
+                r = {**r, "others_cores": record.get("others_cores")}
                 report["latency"].append(row(tool, label, method, n, r))
             save()
 
