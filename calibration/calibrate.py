@@ -46,7 +46,7 @@ from graphopt.data.rules import fixed_batch, input_rules
 from graphopt.errors import DataError
 from graphopt.model import Model
 
-DEFAULT_BATCH_BYTES = 256 * 2**20
+DEFAULT_BATCH_BYTES = 128 * 2**20
 NonFinite = Literal["raise", "skip"]
 _CAPTURED_ITEMSIZE = {
     ir.DataType.FLOAT: 4,
@@ -96,7 +96,9 @@ def calibrate(
         device, threads, workdir: where and how ONNX Runtime runs (see graphopt.runtime).
         cache: serve ranges computed before for the same model, data and options from
             here, and store new ones.
-        max_batch_bytes: the most bytes of captured tensors held at once in pass two.
+        max_batch_bytes: the most bytes of captured tensors held at once in pass two (peak
+            memory is about twice that, ONNX Runtime's copy and numpy's, plus what the
+            model itself needs for one batch).
         nonfinite: what to do with a tensor that holds inf or NaN on this data: "raise"
             a CalibrationError naming it, or "skip" it (left out of the result, with a
             warning).
@@ -240,18 +242,24 @@ class _Run:
             self.model,
             self.data,
             targets,
-            sizes=histograms,
+            histograms=histograms,
             batch_size=self.batch_size,
             device=self.device,
             threads=self.threads,
             workdir=self.workdir,
         )
-        good = self._usable(targets, extremes)
+        self._check_empty(targets, extremes)
+        bad = [t.name for t in targets if not extremes[t.name].finite()]
+        good = [t for t in targets if t.name not in bad]
         if not histograms:
+            self._nonfinite(bad)
             return {t.name: _minmax_range(t, extremes[t.name], settings) for t in good}
-        return self._histogram_ranges(good, extremes, settings)
+        # Pass two finds the NaNs pass one cannot see: report them all at once.
+        found, more = self._histogram_ranges(good, extremes, settings)
+        self._nonfinite([t.name for t in targets if t.name in bad or t.name in more])
+        return found
 
-    def _usable(self, targets: Sequence[Target], extremes: Mapping[str, Extremes]) -> list[Target]:
+    def _check_empty(self, targets: Sequence[Target], extremes: Mapping[str, Extremes]) -> None:
         empty = [t.name for t in targets if extremes[t.name].empty()]
         if empty:
             raise CalibrationError(
@@ -260,9 +268,6 @@ class _Run:
                 hint="Leave them out of the tensors to calibrate.",
                 tensors=tuple(empty),
             )
-        bad = [t.name for t in targets if not extremes[t.name].finite()]
-        self._nonfinite(bad)
-        return [t for t in targets if t.name not in bad]
 
     def _nonfinite(self, bad: Sequence[str]) -> None:
         if not bad:
@@ -281,7 +286,8 @@ class _Run:
 
     def _histogram_ranges(
         self, targets: Sequence[Target], extremes: Mapping[str, Extremes], settings: _Settings
-    ) -> dict[str, TensorRange]:
+    ) -> tuple[dict[str, TensorRange], list[str]]:
+        """Ranges from pass two, and the tensors it found inf or NaN in."""
         absolute = settings.symmetric or settings.method != "percentile"
         histograms: dict[str, Histogram] = {}
         results: dict[str, TensorRange] = {}
@@ -314,13 +320,12 @@ class _Run:
                 workdir=self.workdir,
             )
         bad = [t.name for t in todo if histograms[t.name].nonfinite]
-        self._nonfinite(bad)
         for target in todo:
             if target.name not in bad:
                 results[target.name] = _histogram_range(
                     target, histograms[target.name], extremes[target.name], settings
                 )
-        return results
+        return results, bad
 
     def _groups(
         self, targets: Sequence[Target], extremes: Mapping[str, Extremes]

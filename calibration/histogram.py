@@ -23,7 +23,7 @@ import numpy as np
 
 # Values are binned this many at a time, so temporaries stay small (a few MiB) whatever the
 # size of the tensor.
-CHUNK_ELEMENTS = 1 << 18
+CHUNK_ELEMENTS = 1 << 16
 # Candidates are scored in blocks of about this many (candidate, bin) cells.
 BLOCK_CELLS = 1 << 16  # 512 KiB of float64: fits in a core's L2 cache
 QUANT_LEVELS = 128  # int8 levels on one side (TensorRT's 128 quantized bins)
@@ -68,26 +68,48 @@ class Histogram:
     def add(self, values: np.ndarray) -> None:
         """Count every element of `values` (any shape, any float dtype)."""
         flat = np.asarray(values).reshape(-1)
-        work = np.float32 if flat.dtype in (np.float32, np.float16) else np.float64
-        scale = work(self._scale64)
-        low = work(self.low)
-        top = self.bins - 1
+        native = flat.dtype in (np.float16, np.float32, np.float64)
+        work = np.float64 if flat.dtype == np.float64 else np.float32
+        scaled = np.empty(min(flat.size, CHUNK_ELEMENTS), dtype=work)
+        index = np.empty(scaled.size, dtype=np.intp)
         for start in range(0, flat.size, CHUNK_ELEMENTS):
-            part = flat[start : start + CHUNK_ELEMENTS].astype(work)
-            if self.absolute:
-                np.abs(part, out=part)
-            finite = np.isfinite(part)
-            if not finite.all():
-                self.nonfinite += int(part.size - np.count_nonzero(finite))
-                part = part[finite]
-            if low:
-                np.subtract(part, low, out=part)
-            np.multiply(part, scale, out=part)
-            if self.track_top:
-                inside = np.clip(part[part >= top] - top, 0.0, 1.0)
-                self._top_fixed += int(np.rint(inside * _TOP_ONE).astype(np.int64).sum())
-            np.clip(part, 0, top, out=part)
-            self.counts += np.bincount(part.astype(np.intp), minlength=self.bins)
+            chunk = flat[start : start + CHUNK_ELEMENTS]
+            if not native:  # bfloat16 and other ml_dtypes: numpy ufuncs want a cast first
+                chunk = chunk.astype(np.float32)
+            n = chunk.size
+            self._count(chunk, scaled[:n], index[:n], work)
+
+    def _count(self, chunk: np.ndarray, scaled: np.ndarray, index: np.ndarray, work: type) -> None:
+        """Bin one chunk: position = (|x| or x - low) * bins / (high - low), truncated.
+
+        The fast path leaves non-finite values to `np.bincount`, which refuses the negative
+        index they turn into; the chunk is then counted again, carefully."""
+        if self.absolute:
+            np.abs(chunk, out=scaled)
+        else:
+            np.subtract(chunk, work(self.low), out=scaled)
+        np.multiply(scaled, work(self._scale64), out=scaled)
+        with np.errstate(invalid="ignore"):
+            np.copyto(index, scaled, casting="unsafe")
+        try:
+            found = np.bincount(index, minlength=self.bins)
+        except ValueError:  # a negative index: inf or NaN (or a value below low)
+            scaled, index = self._finite(scaled)
+            found = np.bincount(index, minlength=self.bins)
+        if found.size > self.bins:  # the maximum itself (position == bins), or rounding
+            found[self.bins - 1] += found[self.bins :].sum()
+            found = found[: self.bins]
+        self.counts += found
+        if self.track_top:
+            top = self.bins - 1
+            inside = np.clip(scaled[scaled >= top] - top, 0.0, 1.0)
+            self._top_fixed += int(np.rint(inside * _TOP_ONE).astype(np.int64).sum())
+
+    def _finite(self, scaled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        finite = np.isfinite(scaled)
+        self.nonfinite += int(scaled.size - np.count_nonzero(finite))
+        kept = np.clip(scaled[finite], 0, self.bins - 1)
+        return kept, kept.astype(np.intp)
 
     @property
     def top_position(self) -> float | None:

@@ -3,9 +3,10 @@
 `resolve_targets` finds the requested tensors in the model and checks they can be
 calibrated (float, in the main graph). `reduce_ranges` runs a copy of the model with a
 ReduceMin and a ReduceMax per tensor (keepdims=0; over every axis but the channel axis when
-per channel) and a ReduceSum (an inf or NaN sum gives away non-finite values) as extra
-outputs, so only those few numbers leave ONNX Runtime per batch, and memory does not depend
-on the number of samples. With `sizes`, a Size per tensor also tells
+per channel) as extra outputs, so only those few numbers leave ONNX Runtime per batch, and
+memory does not depend on the number of samples. For minmax a ReduceSum per tensor gives
+away inf and NaN values (ONNX Runtime's ReduceMin/ReduceMax skip a NaN unless it comes
+first); before a histogram pass, which finds them itself, a Size per tensor tells instead
 how many elements one sample of it holds (pass two sizes its batches from that).
 """
 
@@ -190,8 +191,8 @@ def _quoted(names: Sequence[str]) -> str:
 class _Outputs:
     low: str
     high: str
-    total: str  # the sum: inf or NaN when any value is (ReduceMin/Max may skip NaN)
-    size: str | None
+    total: str | None  # the sum: inf or NaN when any value is
+    size: str | None  # the element count
 
 
 def reduce_ranges(
@@ -199,14 +200,15 @@ def reduce_ranges(
     dataset: Dataset,
     targets: Sequence[Target],
     *,
-    sizes: bool,
+    histograms: bool,
     batch_size: int,
     device: runtime.Device,
     threads: int | None,
     workdir: Path | None,
 ) -> dict[str, Extremes]:
-    """Min and max of every target over the whole dataset, in one streamed pass."""
-    stats_model, outputs = build_stats_model(model, targets, sizes=sizes)
+    """Min and max of every target over the whole dataset, in one streamed pass (with the
+    element counts when a histogram pass follows, else with checks for inf and NaN)."""
+    stats_model, outputs = build_stats_model(model, targets, histograms=histograms)
     session = runtime.create_session(stats_model, device=device, threads=threads, workdir=workdir)
     fetch = [n for o in outputs.values() for n in (o.low, o.high, o.total, o.size) if n is not None]
     found = {
@@ -229,7 +231,8 @@ def reduce_ranges(
                 np.minimum(seen.low, low, out=seen.low)
                 np.maximum(seen.high, high, out=seen.high)
             seen.samples += batch.size
-            seen.finite_sums &= bool(np.isfinite(values[names.total]))
+            if names.total is not None:
+                seen.finite_sums &= bool(np.isfinite(values[names.total]))
             if names.size is not None and batch.size:
                 elements = int(np.asarray(values[names.size]))
                 seen.per_sample = max(seen.per_sample, math.ceil(elements / batch.size))
@@ -247,91 +250,139 @@ def _check_channels(target: Target, seen: np.ndarray, new: np.ndarray) -> None:
 
 
 def build_stats_model(
-    model: Model, targets: Sequence[Target], *, sizes: bool
+    model: Model, targets: Sequence[Target], *, histograms: bool
 ) -> tuple[Model, dict[str, _Outputs]]:
-    """A copy of the model that also outputs min, max (and Size) of every target."""
+    """A copy of the model that also outputs min, max, and Size (`histograms`) or sum of
+    every target.
+
+    Memory: ONNX Runtime orders nodes by a depth-first search from the graph's leaves,
+    the last leaf first. Were the statistics leaves, the search from the last one would
+    schedule most of the network before the earlier statistics, and every calibrated tensor
+    of a batch would stay alive to the end. So every statistic also feeds one Concat (an
+    output nobody reads) whose inputs come in graph order: the search then computes each
+    tensor's statistics right after the tensor, and its buffer is freed as usual.
+    """
     copy = model.copy()
     graph = copy.graph
     opset = copy.ir.opset_imports.get("")
     if opset is None:
         opset = DEFAULT_OPSET
         copy.ir.opset_imports[""] = opset
-    taken = set(_main_values(graph))
-    counter = itertools.count()
-
-    def fresh(base: str) -> str:
-        name = base
-        while name in taken:
-            name = f"{base}_{next(counter)}"
-        taken.add(name)
-        return name
-
+    builder = _Builder(graph, opset)
     values = _main_values(graph)
     outputs: dict[str, _Outputs] = {}
     for target in targets:
-        source = values[target.name]
-        compute_type = (
-            ir.DataType.DOUBLE if target.dtype == ir.DataType.DOUBLE else ir.DataType.FLOAT
-        )
-        if target.dtype != compute_type:
-            cast = ir.node(
-                "Cast", [source], {"to": compute_type}, name=fresh(f"{target.name}/calib_cast")
-            )
-            cast.outputs[0].name = fresh(f"{target.name}::calib_cast")
-            graph.append(cast)
-            source = cast.outputs[0]
-        axes = (
-            None
-            if target.axis is None
-            else [a for a in range(target.rank or 0) if a != target.axis]
-        )
-        shape = ir.Shape([]) if target.axis is None else ir.Shape([None])
-        names = []
-        for op in ("ReduceMin", "ReduceMax"):
-            inputs: list[ir.Value | None] = [source]
-            attributes: dict[str, object] = {"keepdims": 0}
-            if axes is not None and opset >= AXES_INPUT_OPSET:
-                inputs.append(
-                    _constant(
-                        graph, np.array(axes, dtype=np.int64), fresh(f"{target.name}::calib_axes")
-                    )
-                )
-            elif axes is not None:
-                attributes["axes"] = axes
-            node = ir.node(op, inputs, attributes, name=fresh(f"{target.name}/calib_{op}"))
-            out = node.outputs[0]
-            out.name = fresh(f"{target.name}::calib_{op[6:].lower()}")
-            out.type = ir.TensorType(compute_type)
-            out.shape = shape
-            graph.append(node)
-            graph.outputs.append(out)
-            names.append(out.name)
-        # ONNX Runtime's ReduceMin/ReduceMax skip a NaN unless it comes first; a sum keeps it.
-        node = ir.node(
-            "ReduceSum", [source], {"keepdims": 0}, name=fresh(f"{target.name}/calib_sum")
-        )
-        total = node.outputs[0]
-        total.name = fresh(f"{target.name}::calib_sum")
-        total.type = ir.TensorType(compute_type)
-        total.shape = ir.Shape([])
-        graph.append(node)
-        graph.outputs.append(total)
-        size_name = None
-        if sizes:
-            node = ir.node("Size", [source], name=fresh(f"{target.name}/calib_size"))
-            out = node.outputs[0]
-            out.name = fresh(f"{target.name}::calib_size")
-            out.type = ir.TensorType(ir.DataType.INT64)
-            out.shape = ir.Shape([])
-            graph.append(node)
-            graph.outputs.append(out)
-            size_name = out.name
-        outputs[target.name] = _Outputs(names[0], names[1], total.name, size_name)
+        outputs[target.name] = builder.add(target, values[target.name], histograms=histograms)
+    builder.finish()
     return copy, outputs
 
 
-def _constant(graph: ir.Graph, array: np.ndarray, name: str) -> ir.Value:
-    node = ir.node("Constant", [], {"value": ir.tensor(array, name=name)}, name=name)
-    node.outputs[0].name = name
-    graph.append(node)
-    return node.outputs[0]
+class _Builder:
+    """Adds the statistics nodes of one tensor at a time, with fresh names, then the chain
+    of Concats that orders them (see `build_stats_model`)."""
+
+    def __init__(self, graph: ir.Graph, opset: int) -> None:
+        self.graph = graph
+        self.opset = opset
+        self.taken = set(_main_values(graph))
+        self.counter = itertools.count()
+        self.gathered: list[ir.Node] = []  # per tensor: the Concat of its statistics
+        self.flat_shape: ir.Value | None = None
+
+    def fresh(self, base: str) -> str:
+        name = base
+        while name in self.taken:
+            name = f"{base}_{next(self.counter)}"
+        self.taken.add(name)
+        return name
+
+    def add(self, target: Target, source: ir.Value, *, histograms: bool) -> _Outputs:
+        compute = ir.DataType.DOUBLE if target.dtype == ir.DataType.DOUBLE else ir.DataType.FLOAT
+        nodes: list[ir.Node] = []
+
+        def node(op: str, inputs: list[ir.Value], attributes: dict[str, object], role: str):
+            made = ir.node(op, inputs, attributes, name=self.fresh(f"{target.name}/calib_{role}"))
+            made.outputs[0].name = self.fresh(f"{target.name}::calib_{role}")
+            nodes.append(made)
+            return made.outputs[0]
+
+        data = source
+        if target.dtype != compute:
+            data = node("Cast", [source], {"to": compute}, "cast")
+        axes = None
+        if target.axis is not None:
+            axes = [a for a in range(target.rank or 0) if a != target.axis]
+        reduced: list[ir.Value] = []
+        for op, role in (("ReduceMin", "min"), ("ReduceMax", "max")):
+            inputs = [data]
+            attributes: dict[str, object] = {"keepdims": 0}
+            if axes is not None and self.opset >= AXES_INPUT_OPSET:
+                array = ir.tensor(np.array(axes, dtype=np.int64))
+                inputs.append(node("Constant", [], {"value": array}, f"{role}_axes"))
+            elif axes is not None:
+                attributes["axes"] = axes
+            reduced.append(node(op, inputs, attributes, role))
+        total = None if histograms else node("ReduceSum", [data], {"keepdims": 0}, "sum")
+        size = node("Size", [data], {}, "size") if histograms else None
+        shape = ir.Shape([]) if axes is None else ir.Shape([None])
+        pieces = []
+        for value, dtype, dims in (
+            (reduced[0], compute, shape),
+            (reduced[1], compute, shape),
+            (total, compute, ir.Shape([])),
+            (size, ir.DataType.INT64, ir.Shape([])),
+        ):
+            if value is not None:
+                value.type = ir.TensorType(dtype)
+                value.shape = dims
+                self.graph.outputs.append(value)
+                flat = node("Reshape", [value, self._flat_shape()], {}, "flat")
+                pieces.append(node("Cast", [flat], {"to": ir.DataType.DOUBLE}, "double"))
+        node("Concat", pieces, {"axis": 0}, "gather")
+        self.gathered.append(nodes[-1])
+        self._place(source, nodes)
+        return _Outputs(
+            reduced[0].name or "", reduced[1].name or "",
+            None if total is None else total.name, None if size is None else size.name,
+        )  # fmt: skip
+
+    def _flat_shape(self) -> ir.Value:
+        if self.flat_shape is None:
+            made = ir.node("Constant", [], {"value": ir.tensor(np.array([-1], dtype=np.int64))})
+            made.outputs[0].name = self.fresh("calib::flat_shape")
+            self._place(None, [made])
+            self.flat_shape = made.outputs[0]
+        return self.flat_shape
+
+    def finish(self) -> None:
+        """Chain the tensors' statistics, in graph order, into one output nobody reads:
+        link[0] = stats[0], link[k] = Concat(link[k-1], stats[k]). ONNX Runtime's search
+        from that leaf takes the input of higher node index first, so each link[k-1] is
+        placed after stats[k]: the search then reaches the statistics first to last, each
+        right after the part of the network that makes its tensor."""
+        if not self.gathered:
+            return
+        position = {node: i for i, node in enumerate(self.graph)}
+        stats = sorted(self.gathered, key=position.__getitem__)
+        link = stats[0].outputs[0]
+        for k in range(1, len(stats)):
+            concat = ir.node("Concat", [link, stats[k].outputs[0]], {"axis": 0})
+            concat.name = self.fresh("calib/order")
+            concat.outputs[0].name = self.fresh("calib::order")
+            if k + 1 < len(stats):
+                self.graph.insert_after(stats[k + 1], concat)
+            else:
+                self.graph.append(concat)
+            link = concat.outputs[0]
+        link.type = ir.TensorType(ir.DataType.DOUBLE)
+        link.shape = ir.Shape([None])
+        self.graph.outputs.append(link)
+
+    def _place(self, source: ir.Value | None, nodes: list[ir.Node]) -> None:
+        producer = None if source is None else source.producer()
+        if producer is not None and producer.graph is self.graph:
+            self.graph.insert_after(producer, nodes)
+        elif len(self.graph) > 0:
+            self.graph.insert_before(next(iter(self.graph)), nodes)
+        else:
+            self.graph.extend(nodes)
