@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from graphopt import runtime
 from graphopt.calibration.cache import CalibrationCache, range_keys
-from graphopt.calibration.datasets import head
+from graphopt.calibration.datasets import CalibrationDataReader, dataset_from_reader, head
 from graphopt.calibration.histogram import (
     MIN_BINS,
     Histogram,
@@ -58,7 +58,7 @@ _CAPTURED_ITEMSIZE = {
 
 def calibrate(
     model: Model,
-    dataset: Dataset,
+    dataset: Dataset | CalibrationDataReader,
     tensors: Sequence[str],
     *,
     method: Method = "minmax",
@@ -79,7 +79,9 @@ def calibrate(
 
     Args:
         model: the float model; never modified (the reductions go on a copy).
-        dataset: the calibration data (`open_dataset`, or `dataset_from_reader`).
+        dataset: the calibration data: a `Dataset` (`open_dataset`), or an ONNX Runtime
+            `CalibrationDataReader`, wrapped with `dataset_from_reader` (spilled into
+            `workdir` when it cannot rewind).
         tensors: names of float tensors of the main graph (node outputs, graph inputs).
         method: "minmax" (the observed range); "percentile" (the range holding
             `percentile` % of the values); "entropy" (TensorRT's KL-divergence threshold for
@@ -119,6 +121,8 @@ def calibrate(
     if not names:
         return {}
     targets = resolve_targets(model, names, per_channel)
+    if not isinstance(dataset, Dataset):
+        dataset = dataset_from_reader(dataset, model.input_specs(), workdir=workdir)
     data = head(dataset, samples, model.input_specs())
     if len(data) == 0:
         raise DataError(

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from graphopt.console import track
 from graphopt.data import Batch, Dataset
 from graphopt.data.checks import check_dtype, check_shape, convert, names
 from graphopt.data.rules import Input, fixed_batch, input_rules
@@ -215,12 +216,7 @@ class _RewindingDataset(_ReaderDataset):
 
     def _read(self) -> Iterator[Part]:
         self._reader.rewind()
-        call = 0
-        while True:
-            call += 1
-            feeds = self._reader.get_next()
-            if feeds is None:
-                return
+        for call, feeds in enumerate(_feeds(self._reader, self._source), start=1):
             part = self._checked(feeds, call)
             if _rows(part):
                 yield part
@@ -275,12 +271,7 @@ class _SpilledDataset(_ReaderDataset):
     def _spill(self, reader: Any) -> None:
         handles = {name: open(path, "wb") for name, path in self._files.items()}  # noqa: SIM115
         try:
-            call = 0
-            while True:
-                call += 1
-                feeds = reader.get_next()
-                if feeds is None:
-                    break
+            for call, feeds in enumerate(_feeds(reader, self._source), start=1):
                 part = self._checked(feeds, call)
                 rows = _rows(part)
                 if not rows:
@@ -317,6 +308,16 @@ def _mapped(
     if count * int(np.prod(shape, dtype=np.int64)) == 0:
         return np.empty(full, dtype=dtype)
     return np.memmap(os.fspath(path), dtype=dtype, mode="r", offset=offset, shape=full)
+
+
+def _feeds(reader: Any, source: str) -> Iterator[object]:
+    """get_next() until None, with progress (a reader does not say how long it is)."""
+
+    def calls() -> Iterator[object]:
+        while (feeds := reader.get_next()) is not None:
+            yield feeds
+
+    return track(calls(), total=None, description=f"reading {source}")
 
 
 # ---------------------------------------------------------------------------- batching

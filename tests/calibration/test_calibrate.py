@@ -372,3 +372,61 @@ def test_constant_tensor_has_its_value_as_range() -> None:
     for method in METHODS:
         found = calibrate(model, data, ["z"], method=method, device="cpu")["z"]
         assert float(found.high) == 0.0 and float(found.low) == 0.0
+
+
+def test_tensor_inside_a_subgraph_is_named_as_such() -> None:
+    from onnx import TensorProto, helper
+
+    from tests.calibration.nets import ArrayDataset, _model
+
+    def branch(name: str, op: str) -> object:
+        return helper.make_graph(
+            [helper.make_node(op, ["x"], [f"{name}_out"])],
+            name,
+            [],
+            [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, ["N", 2])],
+        )
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+            helper.make_node("Greater", ["s", "zero"], ["c"]),
+            helper.make_node(
+                "If", ["c"], ["y"], then_branch=branch("then", "Relu"),
+                else_branch=branch("else", "Neg"),
+            ),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+        [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])],
+    )  # fmt: skip
+    model = _model(graph, 17)
+    data = ArrayDataset({"x": np.ones((3, 2), np.float32)})
+    with pytest.raises(CalibrationError, match="'then_out'") as info:
+        calibrate(model, data, ["y", "then_out"], device="cpu")
+    assert "inside an If/Loop/Scan body" in info.value.paragraph()
+    assert float(calibrate(model, data, ["y"], device="cpu")["y"].high) == 1.0
+
+
+def test_float16_tensors() -> None:
+    from onnx import TensorProto, helper
+
+    from tests.calibration.nets import ArrayDataset, _model
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["h"], to=TensorProto.FLOAT16),
+         helper.make_node("Mul", ["h", "h"], ["sq"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("sq", TensorProto.FLOAT16, ["N", 4])],
+    )  # fmt: skip
+    model = _model(graph, 17)
+    x = np.random.default_rng(0).standard_normal((64, 4)).astype(np.float32)
+    data = ArrayDataset({"x": x})
+    squares = x.astype(np.float16).astype(np.float32) ** 2
+    for method in METHODS:
+        found = calibrate(model, data, ["h", "sq"], method=method, device="cpu")
+        assert 0 < float(found["sq"].high) <= float(squares.max()) * 1.001
+        if method == "minmax":
+            assert float(found["sq"].high) == pytest.approx(float(squares.max()), rel=1e-3)

@@ -179,3 +179,13 @@ def test_head_cuts_the_last_batch(x) -> None:
     np.testing.assert_array_equal(rows, x[:13])
     assert head(data, None, conv_net().input_specs()) is data
     assert head(data, 40, conv_net().input_specs()) is data
+
+
+def test_calibrate_takes_a_reader_directly(x, tmp_path) -> None:
+    """Users of ORT's quantize_static switch in one line: pass their reader as it is."""
+    model = conv_net()
+    from_reader = calibrate(model, ListReader(_feeds(x, [1] * 40)), ["c1"], device="cpu",
+                            workdir=tmp_path)  # fmt: skip
+    direct = calibrate(model, ArrayDataset({"x": x}), ["c1"], device="cpu")
+    np.testing.assert_allclose(from_reader["c1"].high, direct["c1"].high, rtol=1e-6)
+    assert from_reader["c1"].samples == 40
