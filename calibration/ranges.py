@@ -29,7 +29,7 @@ class CalibrationError(GraphoptError, ValueError):
         self.tensors = tensors
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TensorRange:
     """The calibrated range of one tensor.
 
@@ -59,6 +59,16 @@ class TensorRange:
                 f"Range of '{self.name}': low {self.low.shape} and high {self.high.shape} "
                 "differ in shape."
             )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TensorRange):
+            return NotImplemented
+        return (
+            (self.name, self.axis, self.method, self.samples)
+            == (other.name, other.axis, other.method, other.samples)
+            and np.array_equal(self.low, other.low)
+            and np.array_equal(self.high, other.high)
+        )
 
     def amax(self) -> np.ndarray:
         """``max(|low|, |high|)``: the symmetric bound (shape of `low`)."""
