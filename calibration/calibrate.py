@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import onnx_ir as ir
 
 from graphopt import runtime
 from graphopt.calibration.cache import CalibrationCache, range_keys
@@ -48,12 +47,6 @@ from graphopt.model import Model
 
 DEFAULT_BATCH_BYTES = 128 * 2**20
 NonFinite = Literal["raise", "skip"]
-_CAPTURED_ITEMSIZE = {
-    ir.DataType.FLOAT: 4,
-    ir.DataType.DOUBLE: 8,
-    ir.DataType.FLOAT16: 2,
-    ir.DataType.BFLOAT16: 2,
-}
 
 
 def calibrate(
@@ -337,10 +330,7 @@ class _Run:
         """Tensors captured together, and the batch size to capture them with."""
         if not targets:
             return []
-        cost = {
-            t.name: max(1, extremes[t.name].per_sample) * _CAPTURED_ITEMSIZE[t.dtype]
-            for t in targets
-        }
+        cost = {t.name: max(1, extremes[t.name].per_sample) * t.itemsize for t in targets}
         fixed = fixed_batch(input_rules(self.model.input_specs(), {}))
         if fixed is not None:
             batch = fixed

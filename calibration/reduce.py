@@ -38,16 +38,18 @@ DEFAULT_OPSET = 13
 
 @dataclass(frozen=True)
 class Target:
-    """A tensor to calibrate: its dtype, its rank when known, its channel axis if any."""
+    """A tensor to calibrate: its dtype (None: unknown before ONNX Runtime runs it, then
+    checked on the first batch), its rank when known, its channel axis if any."""
 
     name: str
-    dtype: ir.DataType
+    dtype: ir.DataType | None
     rank: int | None
     axis: int | None
 
     @property
     def itemsize(self) -> int:
-        return FLOAT_TYPES[self.dtype].itemsize
+        """Bytes per element as captured (4 when the type is unknown)."""
+        return 4 if self.dtype is None else FLOAT_TYPES[self.dtype].itemsize
 
 
 @dataclass
@@ -78,10 +80,11 @@ def resolve_targets(
     """The requested tensors, checked: they exist in the main graph and hold floats.
 
     Types (and, for per-channel tensors, ranks) missing from the model are inferred with
-    ONNX shape inference on a copy.
+    ONNX shape inference on a copy. A type even that cannot tell (the output of a custom
+    operator, say) is left to ONNX Runtime: pass one checks it on the first batch.
 
     Raises:
-        CalibrationError: an unknown or non-float tensor, an unknown type, or a bad axis.
+        CalibrationError: an unknown or non-float tensor, or a bad axis.
     """
     values = _main_values(model.graph)
     unknown = [n for n in names if n not in values]
@@ -106,33 +109,29 @@ def resolve_targets(
     if needs_inference:
         values = _inferred_values(model, names)
     targets: list[Target] = []
-    untyped, wrong = [], []
+    wrong: list[tuple[str, str]] = []
     for name in names:
         value = values[name]
         dtype = value.dtype
-        if dtype is None:
-            untyped.append(name)
-            continue
-        if dtype not in FLOAT_TYPES:
-            wrong.append(f"'{name}' ({dtype.name.lower()})")
+        if dtype is not None and dtype not in FLOAT_TYPES:
+            wrong.append((name, dtype.name.lower()))
             continue
         rank = None if value.shape is None else len(value.shape)
         targets.append(Target(name, dtype, rank, _axis(name, per_channel.get(name), rank)))
     if wrong:
-        raise CalibrationError(
-            f"Only float tensors can be calibrated, and {', '.join(wrong)} "
-            f"{'is' if len(wrong) == 1 else 'are'} not.",
-            hint="Leave integer and boolean tensors out (they stay unquantized).",
-            tensors=tuple(n.split("'")[1] for n in wrong),
-        )
-    if untyped:
-        raise CalibrationError(
-            f"The element type of {_quoted(untyped)} is unknown, even after shape inference.",
-            hint="Run the model through onnx.shape_inference (or export it with value_info) "
-            "so every tensor has a type.",
-            tensors=tuple(untyped),
-        )
+        raise not_float(wrong)
     return targets
+
+
+def not_float(wrong: Sequence[tuple[str, str]]) -> CalibrationError:
+    """The error for (name, dtype) pairs of tensors that do not hold floats."""
+    listing = ", ".join(f"'{name}' ({dtype})" for name, dtype in wrong)
+    return CalibrationError(
+        f"Only float tensors can be calibrated, and {listing} "
+        f"{'is' if len(wrong) == 1 else 'are'} not.",
+        hint="Leave integer and boolean tensors out (they stay unquantized).",
+        tensors=tuple(name for name, _ in wrong),
+    )
 
 
 def _axis(name: str, axis: int | None, rank: int | None) -> int | None:
@@ -222,6 +221,8 @@ def reduce_ranges(
     ):
         for target in targets:
             names, seen = outputs[target.name], found[target.name]
+            if seen.samples == 0 and target.dtype is None:
+                _check_float(targets, outputs, values)
             low = np.asarray(values[names.low], dtype=np.float64)
             high = np.asarray(values[names.high], dtype=np.float64)
             if seen.samples == 0:
@@ -237,6 +238,20 @@ def reduce_ranges(
                 elements = int(np.asarray(values[names.size]))
                 seen.per_sample = max(seen.per_sample, math.ceil(elements / batch.size))
     return found
+
+
+def _check_float(
+    targets: Sequence[Target], outputs: Mapping[str, _Outputs], values: Mapping[str, np.ndarray]
+) -> None:
+    """Tensors of unknown type: their minima (reduced in their own type) must be floats."""
+    wrong = []
+    for target in targets:
+        if target.dtype is None:
+            kind = np.asarray(values[outputs[target.name].low]).dtype
+            if kind.kind != "f":
+                wrong.append((target.name, kind.name))
+    if wrong:
+        raise not_float(wrong)
 
 
 def _check_channels(target: Target, seen: np.ndarray, new: np.ndarray) -> None:
@@ -307,7 +322,7 @@ class _Builder:
             return made.outputs[0]
 
         data = source
-        if target.dtype != compute:
+        if target.dtype is not None and target.dtype != compute:
             data = node("Cast", [source], {"to": compute}, "cast")
         axes = None
         if target.axis is not None:
@@ -333,7 +348,9 @@ class _Builder:
             (size, ir.DataType.INT64, ir.Shape([])),
         ):
             if value is not None:
-                value.type = ir.TensorType(dtype)
+                # An unknown type stays unknown: ONNX Runtime infers it (and pass one checks).
+                known = target.dtype is not None or dtype == ir.DataType.INT64
+                value.type = ir.TensorType(dtype) if known else None
                 value.shape = dims
                 self.graph.outputs.append(value)
                 flat = node("Reshape", [value, self._flat_shape()], {}, "flat")

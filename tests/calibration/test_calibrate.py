@@ -430,3 +430,38 @@ def test_float16_tensors() -> None:
         assert 0 < float(found["sq"].high) <= float(squares.max()) * 1.001
         if method == "minmax":
             assert float(found["sq"].high) == pytest.approx(float(squares.max()), rel=1e-3)
+
+
+def test_tensor_types_only_onnx_runtime_knows() -> None:
+    """A custom operator's output has no type ONNX shape inference can give: ONNX Runtime
+    runs it, and pass one checks the type on the first batch."""
+    from onnx import TensorProto, helper
+
+    from graphopt.calibration.reduce import Target, reduce_ranges
+    from tests.calibration.nets import ArrayDataset
+
+    graph = helper.make_graph(
+        [helper.make_node("Gelu", ["x"], ["g"], domain="com.microsoft"),
+         helper.make_node("Relu", ["g"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+    )  # fmt: skip
+    proto = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
+    proto.ir_version = 10
+    import onnx_ir as ir
+
+    model = Model(ir=ir.from_proto(proto))
+    assert model.graph.node(0).outputs[0].dtype is None
+    x = np.random.default_rng(0).standard_normal((16, 4)).astype(np.float32)
+    data = ArrayDataset({"x": x})
+    for method in METHODS:
+        found = calibrate(model, data, ["g"], method=method, device="cpu")
+        assert 0 < float(found["g"].high) <= np.abs(x).max()
+    # An integer tensor of unknown type is refused once ONNX Runtime has shown its type.
+    model = conv_net()
+    with pytest.raises(CalibrationError, match=r"'pred' \(int64\)"):
+        reduce_ranges(model, conv_data(8), [Target("pred", None, 1, None)], histograms=False,
+                      batch_size=4, device="cpu", threads=None, workdir=None)  # fmt: skip
