@@ -6,9 +6,15 @@
 Four methods: `minmax`, `percentile`, `entropy` (TensorRT's KL search) and `mse`. Statistics
 are reduced inside the graph where possible and streamed, so memory does not grow with the
 number of samples; the histogram methods take two passes over fixed-edge histograms, so
-ranges do not depend on the batch size. Data comes as a graphopt `Dataset` or through ONNX
-Runtime's `CalibrationDataReader` protocol (`dataset_from_reader`); a `CalibrationCache`
-serves ranges computed before without running ONNX Runtime.
+ranges do not depend on the batch size. Data comes as a graphopt `Dataset` or as an ONNX
+Runtime `CalibrationDataReader` (given to `calibrate` as it is, or wrapped once with
+`dataset_from_reader`); a `CalibrationCache` serves ranges computed before without running
+ONNX Runtime.
+
+Measured on PP-OCRv4 recognition (51 Conv/MatMul input tensors, 5.5 M values per sample,
+128 samples, batch 32, 2 cores shared with other jobs; CPU seconds relative to a plain FP32
+forward over the same samples): minmax 1.2x, percentile 2.5x, entropy 2.3x, mse 2.5x, with
+peak RSS 435-520 MiB against 434 MiB for the forward run.
 
 Modules (everything but this file's names is internal):
 
