@@ -11,7 +11,6 @@ Runtime `CalibrationDataReader` (given to `calibrate` as it is, or wrapped once 
 `dataset_from_reader`); a `CalibrationCache` serves ranges computed before without running
 ONNX Runtime.
 
-
 Modules (everything but this file's names is internal):
 
 - `ranges`: `TensorRange`, `Method`, `CalibrationError`.
