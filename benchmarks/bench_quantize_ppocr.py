@@ -15,7 +15,11 @@ recorded as OOM or timeout instead of taking the benchmark down:
   ort         onnxruntime.quantization.quantize_static, QDQ, per-channel int8 weights, with
               uint8 activations (ORT's default) and with symmetric int8 activations
               (ActivationSymmetric, what TensorRT takes), calibrate_method MinMax, Percentile,
-              Entropy;
+              Entropy; on the model prepared as ORT documents (quant_pre_process, after a
+              conversion to opset 13 that ORT's per-channel output needs; see
+              ppocr/runs.py:ort_prepare), timed once as its own row. `--ort-inputs raw` also
+              quantizes the file as shipped (its weights sit in Constant nodes, which ORT then
+              quantizes like activations);
   graphopt    load_model -> cleanup -> quantize(target=tensorrt|ort-cpu, calibrator=...,
               samples=N) -> save_model, when the `quantize` pass is registered (otherwise the
               rows say "not available");
@@ -25,8 +29,8 @@ probabilities, argmax agreement per time step, identical decoded lines), and ONN
 latency at batch 1 and 16 with 1 and 2 threads (FP32 and one model per tool and activation
 type / target: latency does not depend on the calibration method or sample count).
 
-Prints three tables and writes a JSON report (default <cache>/report.json), updated after
-every run. Not run by CI.
+Prints three tables and writes a JSON report (default <cache>/report.json; with --quick,
+<cache>/report-quick.json), updated after every run. Not run by CI.
 
     python benchmarks/bench_quantize_ppocr.py --quick          # smoke run, a few minutes
     python benchmarks/bench_quantize_ppocr.py                  # 64/256/512 samples, all rows
@@ -377,7 +381,7 @@ def print_tables(report: dict[str, Any]) -> None:
             [
                 r["label"],
                 r["method"],
-                str(r["samples"]),
+                str(r["samples"] or "-"),
                 r["status"] if r["status"] != "error" else f"error: {r.get('error', '')[:40]}",
                 _fmt(r.get("work_s"), ".1f") if ok else "-",
                 _fmt(r.get("process_wall_s"), ".1f") if "process_wall_s" in r else "-",
@@ -400,7 +404,8 @@ def print_tables(report: dict[str, Any]) -> None:
             "others' cores",
         ],
         rows,
-        "work s: from reading the model to the saved quantized model (FP32: reading the samples "
+        "work s: from reading the model to the saved quantized model (ORT: quantize_static on "
+        "the prepared model; its preparation, once, is its own row; FP32: reading the samples "
         "and one forward pass), in the child; process s: the whole child, imports included; "
         "x FP32 fwd: work s over the FP32 row's work s at the same samples; peak RSS: ru_maxrss "
         f"of that child. Batches: {report['settings']['batch']} samples for the FP32 floor and "
@@ -521,6 +526,12 @@ def parse_args() -> argparse.Namespace:
         "less memory and faster than 16 for this model)",
     )
     parser.add_argument("--skip-ort", action="store_true", help="no ORT quantize_static rows")
+    parser.add_argument(
+        "--ort-inputs",
+        default="prepared",
+        help="what ORT quantizes: 'prepared' (opset 13 + quant_pre_process, as ORT documents), "
+        "'raw' (the file as shipped), or both, comma-separated",
+    )
     parser.add_argument("--skip-graphopt", action="store_true", help="no graphopt rows")
     parser.add_argument("--skip-latency", action="store_true", help="no latency table")
     parser.add_argument("--latency-runs", type=int, default=40, help="timed runs at batch 1")
@@ -538,7 +549,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--resume", action="store_true", help="reuse the finished runs of an earlier invocation"
     )
-    parser.add_argument("--report", type=Path, help="JSON report (default <cache>/report.json)")
+    parser.add_argument(
+        "--report",
+        type=Path,
+        help="JSON report (default <cache>/report.json; report-quick.json with --quick)",
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -557,6 +572,9 @@ def parse_args() -> argparse.Namespace:
         args.sample_counts = sorted({int(s) for s in args.samples.split(",") if s.strip()})
     except ValueError:
         parser.error(f"--samples takes comma-separated integers, not {args.samples!r}")
+    args.ort_input_list = [m.strip() for m in args.ort_inputs.split(",") if m.strip()]
+    if not set(args.ort_input_list) <= {"prepared", "raw"}:
+        parser.error(f"--ort-inputs takes prepared, raw or both; got {args.ort_inputs!r}")
     args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = set(args.method_list) - set(ALL_METHODS)
     if unknown or not args.method_list or not args.sample_counts:
@@ -572,12 +590,14 @@ def main() -> None:
         _child_main(args.child)
         return
     cache = args.cache.resolve()
-    report_path = args.report or cache / "report.json"
+    report_path = args.report or cache / ("report-quick.json" if args.quick else "report.json")
     model = fetch_model(cache)
     calib_lines = CALIB_LINES if not args.quick else max(args.sample_counts)
     calib_lines = max(calib_lines, max(args.sample_counts))
     calib, test = prepare_data(cache, calib_lines, args.test_lines, model)
-    run = Runner(cache / "runs", args.resume, args.mem_limit_gb, args.timeout, args.wait_idle)
+    run = Runner(
+        cache / "runs" / test.stem, args.resume, args.mem_limit_gb, args.timeout, args.wait_idle
+    )
     models = cache / "models"
     reference = cache / "work" / f"fp32_probs_{test.stem}.npy"
     reference.parent.mkdir(parents=True, exist_ok=True)
@@ -593,6 +613,7 @@ def main() -> None:
             "methods": args.method_list,
             "batch": args.batch,
             "ort_batch": args.ort_batch,
+            "ort_inputs": args.ort_input_list,
             "mem_limit_gb": args.mem_limit_gb,
             "timeout_s": args.timeout,
             "latency_runs_batch1": args.latency_runs,
@@ -677,33 +698,46 @@ def main() -> None:
         save()
 
     if not args.skip_ort:
-        for variant, label in ORT_VARIANTS.items():
-            for method in (m for m in args.method_list if m in runs.ORT_METHODS):
-                for n in args.sample_counts:
-                    tag = f"ort-{variant}-{method}-{n}"
-                    path = models / f"{tag}.onnx"
-                    job = {
-                        "job": "ort_quantize",
-                        "model": os.fspath(model),
-                        "calib": os.fspath(calib),
-                        "samples": n,
-                        "batch": args.ort_batch,
-                        "method": method,
-                        "activations": variant,
-                        "out": os.fspath(path),
-                    }
-                    record = run(
-                        tag, job, f"quantize_static {method}, {variant} activations, {n} samples"
-                    )
-                    report["calibration"].append(row("ort-" + variant, label, method, n, record))
-                    save()
-                    if record["status"] == "ok":
-                        produced.append(("ort-" + variant, label, tag, method, n, path))
-                        evaluate("ort-" + variant, label, tag, method, n, path)
-                    else:
-                        report["accuracy"].append(
-                            row("ort-" + variant, label, method, n, {"status": record["status"]})
-                        )
+        for prep in args.ort_input_list:
+            source = model
+            if prep == "prepared":
+                source = models / "ort-prepared.onnx"
+                job = {"job": "ort_prepare", "model": os.fspath(model), "out": os.fspath(source)}
+                record = run("ort-prepare", job, "opset 13 + ORT's quant_pre_process")
+                report["calibration"].append(
+                    row("ort-prepare", "ORT prep: opset 13 + quant_pre_process", "", 0, record)
+                )
+                save()
+                if record["status"] != "ok":
+                    log(f"ORT preparation failed, no ORT rows on the prepared model: {record}")
+                    continue
+            for variant, label in ORT_VARIANTS.items():
+                tool = f"ort-{variant}" if prep == "prepared" else f"ort-raw-{variant}"
+                label = label if prep == "prepared" else f"{label}, raw file"
+                for method in (m for m in args.method_list if m in runs.ORT_METHODS):
+                    for n in args.sample_counts:
+                        tag = f"{tool}-{method}-{n}"
+                        path = models / f"{tag}.onnx"
+                        job = {
+                            "job": "ort_quantize",
+                            "model": os.fspath(source),
+                            "calib": os.fspath(calib),
+                            "samples": n,
+                            "batch": args.ort_batch,
+                            "method": method,
+                            "activations": variant,
+                            "out": os.fspath(path),
+                        }
+                        what = f"quantize_static {method}, {variant} activations, {n} samples"
+                        record = run(tag, job, f"{what} ({prep} model)")
+                        report["calibration"].append(row(tool, label, method, n, record))
+                        save()
+                        if record["status"] == "ok":
+                            produced.append((tool, label, tag, method, n, path))
+                            evaluate(tool, label, tag, method, n, path)
+                        else:
+                            status = {"status": record["status"]}
+                            report["accuracy"].append(row(tool, label, method, n, status))
 
     if not args.skip_graphopt:
         missing = graphopt_quantize_status()
