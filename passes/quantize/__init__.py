@@ -39,7 +39,7 @@ from graphopt.model import Model
 from graphopt.passes.base import Pass, PassResult, option, register_pass
 from graphopt.passes.quantize import insert, opset, ranges
 from graphopt.passes.quantize.graphutil import node_label
-from graphopt.passes.quantize.ortcpu import plan_ortcpu
+from graphopt.passes.quantize.ortcpu import kernels_for_this_cpu, plan_ortcpu
 from graphopt.passes.quantize.plan import Plan
 from graphopt.passes.quantize.sites import (
     Excluder,
@@ -52,8 +52,12 @@ from graphopt.passes.quantize.sites import (
 from graphopt.passes.quantize.tensorrt import plan_tensorrt
 from graphopt.passes.quantize.trtcheck import MIN_OPSET, check_tensorrt
 
-#: The calibrator when none is named; see QuantizeOptions.calibrator.
-DEFAULT_CALIBRATOR = "minmax"
+#: The calibrator when none is named. mse (the int8 clip with the least expected squared
+#: error) was the most accurate on PP-OCRv4's recogniser (400 rendered lines, 64 calibration
+#: samples, FP32 CER 2.18 %): tensorrt profile CER 2.75 % with mse, 3.18 % percentile,
+#: 4.00 % minmax, and 100 % with entropy, whose KL search clipped some depthwise-conv inputs to
+#: a tenth of their range. On the digits sample all four keep the accuracy.
+DEFAULT_CALIBRATOR = "mse"
 # Placement is redone when calibration leaves tensors out; a few rounds settle it.
 _MAX_PLANS = 4
 
@@ -92,6 +96,12 @@ class QuantizeOptions:
     )
     quantize_attention: bool = option(
         False, "also quantize MatMuls of two activations (the attention core)"
+    )
+    ort_kernels: Literal["auto", "u8s8", "u8u8"] = option(
+        "auto",
+        "target=ort-cpu: u8s8 (int8 weights) is fastest, but on x86 CPUs without VNNI its "
+        "int16 partial sums can saturate; u8u8 stores the same weights as uint8 (zero point "
+        "128) and cannot; auto: u8s8 where the CPU running graphopt has VNNI or is not x86",
     )
 
     def __post_init__(self) -> None:
@@ -153,6 +163,8 @@ class QuantizePass(Pass[QuantizeOptions]):
         )
         plan = self._plan(m.graph, selection, excluder, frozenset())
         warnings = [f"exclude entry '{entry}' matched no node" for entry in excluder.unused()]
+        if opts.target == "tensorrt" and opts.ort_kernels != "auto":
+            warnings.append("ort_kernels is ignored with target=tensorrt")
         raise_from: int | None = None
         measured: dict[str, Any] = {}
         if not plan.is_empty():
@@ -163,6 +175,8 @@ class QuantizePass(Pass[QuantizeOptions]):
                 raise
             plan = self._calibrate(model, ctx, plan, selection, excluder, measured, warnings)
         stats = self._stats(selection, plan)
+        if opts.target == "ort-cpu":
+            stats["ort_kernels"], stats["ort_kernels_reason"] = self._ort_kernels()
         if plan.is_empty():
             forget_inferred()  # leave the model exactly as it came
             return PassResult(modified=False, stats=stats, warnings=warnings)
@@ -186,7 +200,14 @@ class QuantizePass(Pass[QuantizeOptions]):
     ) -> Plan:
         if self.options.target == "tensorrt":
             return plan_tensorrt(graph, selection, excluder, forbidden)
-        return plan_ortcpu(graph, selection, excluder, forbidden)
+        unsigned = self._ort_kernels()[0] == "u8u8"
+        return plan_ortcpu(graph, selection, excluder, forbidden, unsigned_weights=unsigned)
+
+    def _ort_kernels(self) -> tuple[str, str]:
+        """The ort-cpu kernel flavour and why it was chosen."""
+        if self.options.ort_kernels != "auto":
+            return self.options.ort_kernels, "asked for"
+        return kernels_for_this_cpu()
 
     def _calibrate(
         self,

@@ -84,7 +84,9 @@ def apply(
             continue
         key = (w.name, axis, alpha)
         if key not in weights:
-            weights[key] = _quantized_weight(graph, names, site.node, w, axis, alpha)
+            weights[key] = _quantized_weight(
+                graph, names, site.node, w, axis, alpha, unsigned=plan.unsigned_weights
+            )
             inserted.weights += 1
             inserted.dequantize_linear += 1
         site.node.replace_input_with(site.weight, weights[key])
@@ -183,8 +185,11 @@ def _quantized_weight(
     weight: ir.Value,
     axis: int | None,
     factor: float = 1.0,
+    *,
+    unsigned: bool = False,
 ) -> ir.Value:
-    """An int8 copy of `weight` x `factor` behind a DequantizeLinear."""
+    """An int8 copy of `weight` x `factor` behind a DequantizeLinear; with `unsigned` the
+    same values stored as uint8 with zero point 128."""
     tensor = constant(weight)
     assert tensor is not None
     array = np.asarray(tensor.numpy(), np.float32)
@@ -192,12 +197,13 @@ def _quantized_weight(
         array = array * np.float32(factor)
     scales = qparams.weight_scales(array, axis)
     values = qparams.quantize_weight(array, scales, axis)
+    zero_points = np.zeros_like(scales, np.int8)
+    if unsigned:
+        values, zero_points = qparams.as_unsigned(values), np.full_like(scales, 128, np.uint8)
     base = weight.name or "weight"
     q = _initializer(graph, names.take(f"{base}_quantized"), values)
     scale = _initializer(graph, names.take(f"{base}_scale"), scales)
-    zero_point = _initializer(
-        graph, names.take(f"{base}_zero_point"), np.zeros_like(scales, np.int8)
-    )
+    zero_point = _initializer(graph, names.take(f"{base}_zero_point"), zero_points)
     attributes = [] if axis is None else [ir.AttrInt64("axis", axis)]
     dequantized = ir.Value(
         name=names.take(f"{base}_dequantized"),

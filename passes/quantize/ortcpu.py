@@ -2,7 +2,11 @@
 integer kernels (its QDQ selectors, onnxruntime/core/optimizer/qdq_transformer).
 
 U8S8: activations uint8 with a zero point (asymmetric), weights int8 symmetric per channel,
-biases int32 with scale = input scale x weight scale (x alpha for Gemm).
+biases int32 with scale = input scale x weight scale (a Gemm's alpha folded into its weight).
+On x86 CPUs without VNNI, ORT's U8S8 kernels add pairs of uint8 x int8 products in int16
+(VPMADDUBSW), which saturates (ORT's documented caveat): on PP-OCRv4 that cost 1.3 points of
+character error rate. There the same weights are stored as uint8 with zero point 128 (U8U8
+kernels, no saturation); `kernels_for_this_cpu` decides for `ort_kernels=auto`.
 
 - Conv: DQ(x), DQ(w), DQ(b) -> Conv -> Q(y) becomes QLinearConv, so a Conv's output is
   quantized too. When a Relu (or Clip) is the Conv's only reader, the Relu's output is
@@ -24,6 +28,9 @@ biases int32 with scale = input scale x weight scale (x alpha for Gemm).
 """
 
 from __future__ import annotations
+
+import platform
+from pathlib import Path
 
 import onnx_ir as ir
 
@@ -56,9 +63,16 @@ def plan_ortcpu(
     selection: Selection,
     excluder: Excluder,
     forbidden: frozenset[str] = frozenset(),
+    *,
+    unsigned_weights: bool = False,
 ) -> Plan:
-    """Q/DQ placement for ONNX Runtime's CPU integer kernels."""
-    plan = Plan(symmetric=False, quantize_bias=True, forbidden=forbidden)
+    """Q/DQ placement for ONNX Runtime's CPU integer kernels (U8U8 with `unsigned_weights`)."""
+    plan = Plan(
+        symmetric=False,
+        quantize_bias=True,
+        unsigned_weights=unsigned_weights,
+        forbidden=forbidden,
+    )
     plan.float_readers = {node for node in graph if excluder.matches(node)}
     for site in selection.sites:
         plan.sites.append(site)
@@ -86,6 +100,8 @@ def _grow(node: ir.Node, plan: Plan) -> bool:
         return False
     x, y = node.inputs[0], node.outputs[0]
     if op in _DATA_MOVEMENT:
+        if x.name in plan and y.name in plan:
+            return plan.share(x.name, y.name)  # type: ignore[arg-type]
         for src, dst in ((x, y), (y, x)):  # forwards, then backwards
             if src.name in plan and dst.name not in plan and _quantizable(dst) and plan.add(dst):
                 plan.share(src.name, dst.name)  # type: ignore[arg-type]
@@ -129,3 +145,31 @@ def _quantizable(value: ir.Value | None) -> bool:
     if value is None or not float_activation(value, assume_float=True):
         return False
     return not already_quantized(value) and not value.is_graph_output()
+
+
+_X86 = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})
+_VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni"})
+
+
+def kernels_for_this_cpu() -> tuple[str, str]:
+    """("u8s8" | "u8u8", why) for the CPU graphopt runs on."""
+    machine = platform.machine().lower()
+    if machine not in _X86:
+        return "u8s8", f"{machine or 'this'} CPU: integer dot products accumulate in int32"
+    flags = _cpu_flags()
+    if flags is None:
+        return "u8u8", "x86 CPU whose VNNI support could not be read: U8S8 might saturate"
+    if flags & _VNNI_FLAGS:
+        return "u8s8", "x86 CPU with VNNI: U8S8 accumulates in int32"
+    return "u8u8", "x86 CPU without VNNI: U8S8 partial sums can saturate in int16"
+
+
+def _cpu_flags() -> set[str] | None:
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return None

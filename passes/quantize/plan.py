@@ -27,6 +27,8 @@ class Plan:
             reader, as ONNX Runtime's fusions need).
         symmetric: int8 with zero point 0 (TensorRT); otherwise uint8 with a zero point.
         quantize_bias: store Conv/Gemm biases as int32 (ONNX Runtime's QLinearConv, QGemm).
+        unsigned_weights: store int8 weights as uint8 with zero point 128 (the same values;
+            ONNX Runtime then runs U8U8 kernels).
         float_readers: nodes that keep reading the float value of a quantized tensor even
             when `readers` is ALL (ops the user excluded).
         values: tensor name -> its value.
@@ -38,6 +40,7 @@ class Plan:
     readers: dict[str, Readers] = field(default_factory=dict)
     symmetric: bool = True
     quantize_bias: bool = False
+    unsigned_weights: bool = False
     float_readers: set[ir.Node] = field(default_factory=set)
     values: dict[str, ir.Value] = field(default_factory=dict)
     forbidden: frozenset[str] = frozenset()
@@ -88,11 +91,14 @@ class Plan:
             name = following
         return root
 
-    def share(self, a: str, b: str) -> None:
-        """Give `a` and `b` (both planned) the same quantization parameters."""
+    def share(self, a: str, b: str) -> bool:
+        """Give `a` and `b` (both planned) the same quantization parameters; True if they
+        did not share them before."""
         root_a, root_b = self.group(a), self.group(b)
-        if root_a != root_b:
-            self._parent[root_b] = root_a
+        if root_a == root_b:
+            return False
+        self._parent[root_b] = root_a
+        return True
 
     def cover(self, name: str, extra: str) -> None:
         """Calibrate `extra` too and widen `name`'s group range to include it (Concat)."""

@@ -81,6 +81,11 @@ def quantize_weight(weight: np.ndarray, scales: np.ndarray, axis: int | None) ->
     return np.clip(np.rint(w / s), -INT8_MAX, INT8_MAX).astype(np.int8)
 
 
+def as_unsigned(values: np.ndarray) -> np.ndarray:
+    """int8 values shifted to uint8 with zero point 128: the same numbers after dequantizing."""
+    return (np.asarray(values, np.int16) + 128).astype(np.uint8)
+
+
 def quantize_bias(bias: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """int32 values of a 1-D bias under per-element scales (zero point 0)."""
     b = np.asarray(bias, np.float32)

@@ -270,7 +270,7 @@ def test_residual_add_of_two_quantized_convs_quantizes_the_second_input(tmp_path
 
 def test_concat_inputs_share_the_scale_of_the_concat_output(tmp_path):
     proto = concat_net()
-    model, _ = quantize(proto, tmp_path, cleanup=False, target="tensorrt")
+    model, _ = quantize(proto, tmp_path, cleanup=False, target="tensorrt", calibrator="minmax")
     readers = activation_readers(model)
     assert set(readers) == {"x", "r1", "cat"}
     scales = {}

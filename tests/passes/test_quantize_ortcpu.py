@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -90,6 +91,9 @@ def test_ort_fuses_the_cnn_into_integer_kernels(tmp_path):
     assert ops["DequantizeLinear"] == 0  # QGemm writes float logits
     pool = next(node for node in optimized.graph.node if node.op_type == "MaxPool")
     assert pool.input[0] == "r1_quantized"  # MaxPool runs on uint8
+    # ... because its input and output share one scale (as do GlobalAveragePool -> Flatten).
+    scales = {n.inputs[0].name: n.inputs[1] for n in model.graph if n.op_type == "QuantizeLinear"}
+    assert scales["r1"] is scales["p"] and scales["gap"] is scales["flat"]
     feeds = calib_feeds(proto, samples=32, seed=7)
     (reference,) = run_ort(proto, feeds)
     (candidate,) = run_ort(model, feeds)
@@ -131,23 +135,72 @@ def test_transformer_block_projections_run_as_integer_matmuls(tmp_path):
 
 
 @pytest.mark.parametrize("per_channel", [True, False])
-def test_activations_are_uint8_and_weights_int8_symmetric(tmp_path, per_channel):
-    model, _ = quantize(
+@pytest.mark.parametrize("kernels", ["u8s8", "u8u8"])
+def test_activations_are_uint8_and_weights_symmetric(tmp_path, per_channel, kernels):
+    model, result = quantize(
         pool_concat_cnn(),
         tmp_path,
         cleanup=False,
         target="ort-cpu",
         per_channel=per_channel,
         min_channels=1,
+        ort_kernels=kernels,
     )
+    assert result.stats["ort_kernels"] == kernels
+    weights = 0
     for node in model.graph:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             continue
         data = node.inputs[0].const_value
         if node.op_type == "QuantizeLinear" or data is None:
             assert node.inputs[2].const_value.numpy().dtype == np.uint8
-        elif str(data.dtype) == "INT8":
-            assert not node.inputs[2].const_value.numpy().any()
-            assert node.inputs[1].const_value.numpy().ndim == (1 if per_channel else 0)
-        else:
-            assert str(data.dtype) == "INT32"  # a bias
+            continue
+        if data.dtype == ir.DataType.INT32:  # a bias: zero point 0, scale x_scale * w_scale
+            assert len(node.inputs) == 2
+            continue
+        weights += 1
+        zero_point = node.inputs[2].const_value.numpy()
+        if kernels == "u8s8":
+            assert data.dtype == ir.DataType.INT8 and not zero_point.any()
+        else:  # the same values, stored as uint8 around 128
+            assert data.dtype == ir.DataType.UINT8 and np.all(zero_point == 128)
+        assert node.inputs[1].const_value.numpy().ndim == (1 if per_channel else 0)
+    assert weights == 5
+    ops, _ = fused_ops(model, tmp_path)
+    assert ops["QLinearConv"] == 4 and ops["QGemm"] == 1 and ops["Conv"] == 0
+
+
+def test_u8s8_and_u8u8_models_compute_the_same_values(tmp_path):
+    proto = pool_concat_cnn()
+    feeds = calib_feeds(proto, samples=8, seed=4)
+    outputs = []
+    for kernels in ("u8s8", "u8u8"):
+        model, _ = quantize(
+            proto, tmp_path, cleanup=False, target="ort-cpu", min_channels=1, ort_kernels=kernels
+        )
+        options = ort.SessionOptions()  # no fusions: the Q/DQ semantics themselves
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(
+            model.to_proto().SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+        outputs.append(session.run(None, feeds)[0])
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize(
+    ("machine", "flags", "expected"),
+    [
+        ("x86_64", "fpu sse avx2 avx512f avx512_vnni", "u8s8"),
+        ("x86_64", "fpu sse avx2 avx_vnni", "u8s8"),
+        ("x86_64", "fpu sse avx2", "u8u8"),
+        ("x86_64", None, "u8u8"),
+        ("aarch64", None, "u8s8"),
+    ],
+)
+def test_auto_kernels_follow_the_cpu(monkeypatch, machine, flags, expected):
+    from graphopt.passes.quantize import ortcpu
+
+    monkeypatch.setattr(ortcpu.platform, "machine", lambda: machine)
+    monkeypatch.setattr(ortcpu, "_cpu_flags", lambda: None if flags is None else set(flags.split()))
+    kernels, why = ortcpu.kernels_for_this_cpu()
+    assert kernels == expected and why
