@@ -111,20 +111,37 @@ class QuantizeOptions:
 
 def _infer_types_and_shapes(m: ir.Model) -> Callable[[], None]:
     """Annotate values with inferred types and shapes (GEMV detection and float checks need
-    them); returns a function that takes the annotations back. Graph inputs and outputs
-    keep their declared types and shapes either way: they are the model's contract."""
-    values = [*m.graph.inputs, *m.graph.outputs]
-    values += [out for node in ir.traversal.RecursiveGraphIterator(m.graph) for out in node.outputs]
-    saved = {id(v): (v, v.type, None if v.shape is None else v.shape.copy()) for v in values}
+    them); returns a function that puts the model back exactly as it was (annotations and
+    initializer order: onnx-ir's inference re-adds large initializers at the end). Graph
+    inputs and outputs keep their declared types and shapes either way: they are the model's
+    contract."""
+    saved = {}
+    for graph in m.graphs():
+        for value in ir.convenience.create_value_mapping(graph).values():
+            saved[id(value)] = (
+                value,
+                value.type,
+                None if value.shape is None else value.shape.copy(),
+            )
+    orders = [(graph, list(graph.initializers)) for graph in m.graphs()]
 
     def restore(which: list[ir.Value]) -> None:
         for value in which:
-            _, type_, shape = saved[id(value)]
-            value.type, value.shape = type_, shape
+            if id(value) in saved:
+                _, type_, shape = saved[id(value)]
+                value.type, value.shape = type_, shape
+
+    def forget() -> None:
+        restore([value for value, _, _ in saved.values()])
+        for graph, order in orders:
+            if list(graph.initializers) != order:
+                values = [graph.initializers.pop(name) for name in order]
+                for value in values:
+                    graph.initializers.add(value)
 
     ir_passes.ShapeInferencePass(check_type=False, strict_mode=False)(m)
     restore([*m.graph.inputs, *m.graph.outputs])
-    return lambda: restore([value for value, _, _ in saved.values()])
+    return forget
 
 
 @register_pass

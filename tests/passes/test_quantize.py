@@ -527,6 +527,16 @@ def test_a_model_without_compute_ops_is_left_alone(tmp_path):
     assert result.modified is False and result.stats["quantized_nodes"] == 0
 
 
+def test_float16_ops_are_left_alone_with_a_reason(tmp_path):
+    proto = models.conv_bn(channels=16, dtype=np.float16)
+    model = Model(ir=ir.from_proto(proto))
+    before = model.to_proto().SerializeToString()
+    result = QuantizePass().run(model, context(tmp_path, dataset_for(proto, tmp_path)))
+    assert result.modified is False
+    assert [(e["node"], e["reason"]) for e in result.stats["excluded"]] == [("conv", "dtype")]
+    assert model.to_proto().SerializeToString() == before
+
+
 def test_no_calibration_data_is_a_clear_error(tmp_path):
     model = Model(ir=ir.from_proto(models.small_cnn()))
     with pytest.raises(GraphoptError, match="calibration data") as info:
