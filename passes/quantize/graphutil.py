@@ -19,7 +19,6 @@ __all__ = [
     "node_label",
     "plain_attr",
     "producer_op",
-    "uses_of",
 ]
 
 QUANTIZE = "QuantizeLinear"
@@ -59,10 +58,6 @@ def already_quantized(value: ir.Value | None) -> bool:
     if producer_op(value) == DEQUANTIZE:
         return True
     return any(is_onnx_op(user, QUANTIZE) and index == 0 for user, index in value.uses())
-
-
-def uses_of(value: ir.Value) -> list[tuple[ir.Node, int]]:
-    return [(user, index) for user, index in value.uses()]
 
 
 def known_shape(value: ir.Value | None) -> tuple[int, ...] | None:

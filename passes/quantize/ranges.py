@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from graphopt.calibration import CalibrationError, TensorRange, calibrate
 from graphopt.context import Context
+from graphopt.data.rules import fixed_batch, input_rules
 from graphopt.model import Model
 
 # A CalibrationError naming tensors leads to a retry without them, this many times at most.
@@ -36,6 +37,7 @@ def collect(
     """
     dataset = ctx.calib_data
     assert dataset is not None
+    samples = usable_samples(model, samples)
     wanted = list(dict.fromkeys(tensors))
     left_out: dict[str, str] = {}
     for attempt in range(_MAX_RETRIES + 1):
@@ -67,3 +69,12 @@ def collect(
                 left_out[name] = "it holds inf or NaN on the calibration data"
         return dict(measured), left_out
     raise AssertionError("unreachable")
+
+
+def usable_samples(model: Model, samples: int) -> int:
+    """`samples` rounded down to a multiple of the batch size the model fixes, if it fixes
+    one (calibration neither drops nor pads samples), and at least one batch."""
+    fixed = fixed_batch(input_rules(model.input_specs(), {}))
+    if fixed is None or samples % fixed == 0:
+        return samples
+    return max(fixed, samples - samples % fixed)

@@ -537,6 +537,22 @@ def test_float16_ops_are_left_alone_with_a_reason(tmp_path):
     assert model.to_proto().SerializeToString() == before
 
 
+def test_samples_are_rounded_to_a_batch_size_the_model_fixes(tmp_path):
+    # gemm_bn fixes the batch at 3: the default 256 samples become 255.
+    from graphopt.passes.quantize.ranges import usable_samples
+
+    proto = models.gemm_bn()
+    assert usable_samples(Model(ir=ir.from_proto(proto)), 256) == 255
+    assert usable_samples(Model(ir=ir.from_proto(proto)), 2) == 3
+    assert usable_samples(Model(ir=ir.from_proto(models.small_cnn())), 7) == 7
+    path = tmp_path / "many.npz"
+    np.savez(path, x=np.random.default_rng(0).standard_normal((300, 4)).astype(np.float32))
+    model = Model(ir=ir.from_proto(proto))
+    data = open_dataset(os.fspath(path), model.input_specs())
+    result = QuantizePass(QuantizeOptions(min_channels=1)).run(model, context(tmp_path, data))
+    assert result.modified
+
+
 def test_no_calibration_data_is_a_clear_error(tmp_path):
     model = Model(ir=ir.from_proto(models.small_cnn()))
     with pytest.raises(GraphoptError, match="calibration data") as info:
