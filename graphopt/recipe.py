@@ -33,9 +33,10 @@ from graphopt.validate import Gates
 #: passes land, so `graphopt optimize` on the sample always shows the whole pipeline.
 BUILTIN_RECIPES: dict[str, dict[str, Any]] = {
     "default": {
-        "description": "lossless cleanup (the pipeline as it stands today)",
-        "passes": ["cleanup"],
-        "validation": {"min_cosine": 0.999},
+        "description": "lossless cleanup, then int8 quantization placed for TensorRT "
+        "(needs --data; without it graphopt runs 'lossless')",
+        "passes": ["cleanup", "quantize"],
+        "validation": {"min_cosine": 0.99},
     },
     "lossless": {
         "description": "only passes that keep outputs equal within float rounding",

@@ -75,10 +75,21 @@ class RunReport:
                 f"{stats.p90_ms:.3f}",
                 str(stats.runs),
             )
+        notes = []
         if {"original", "final"} <= self.latency.keys() and self.latency["final"].median_ms > 0:
             speedup = self.latency["original"].median_ms / self.latency["final"].median_ms
-            table.caption = f"speed-up (median, original / final): {speedup:.2f}x"
+            notes.append(f"speed-up (median, original / final): {speedup:.2f}x")
+        if self._quantized_for_tensorrt():
+            notes.append(
+                "Q/DQ placed for TensorRT runs unfused on ONNX Runtime's CPU provider; "
+                "its speed comes from a TensorRT engine, not from this table"
+            )
+        table.caption = "\n".join(notes) or None
         return table
+
+    def _quantized_for_tensorrt(self) -> bool:
+        steps = self.result.steps if self.result is not None else []
+        return any(step.modified and step.pass_stats.get("target") == "tensorrt" for step in steps)
 
     def to_dict(self) -> dict[str, Any]:
         assert self.result is not None, "the report has no pipeline result yet"

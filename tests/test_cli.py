@@ -55,8 +55,12 @@ def test_optimize_writes_model_and_report_and_the_model_runs(workspace):
     assert digest(model) == before
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] is True
-    assert [s["name"] for s in report["steps"]] == ["original", "cleanup"]
+    assert [s["name"] for s in report["steps"]] == ["original", "cleanup", "quantize"]
     assert report["steps"][1]["modified"] is True
+    # The tiny Gemm (3 outputs) is below quantize's min_channels: left in float, with reason.
+    quantize = report["steps"][2]
+    assert quantize["modified"] is False
+    assert {e["reason"] for e in quantize["pass_stats"]["excluded"]} == {"small-channels"}
     assert report["latency"]["original"]["runs"] == 3
     optimized = onnx.load(out / "model.onnx")
     assert {n.op_type for n in optimized.graph.node} == {"Gemm", "Relu"}
@@ -193,6 +197,15 @@ def test_validate_identical_and_gated(workspace, tmp_path):
 
 
 # ----------------------------------------------------------------------------- bad input
+
+
+def test_default_recipe_without_data_runs_the_lossless_recipe(workspace):
+    tmp, model, data = workspace
+    result = invoke("optimize", model, "--val-data", data, "-o", tmp / "o", "--latency-runs", "0")
+    assert result.exit_code == 0, result.output
+    assert "'lossless' recipe runs instead" in result.stderr
+    report = json.loads((tmp / "o" / "report.json").read_text())
+    assert [s["name"] for s in report["steps"]] == ["original", "cleanup"]
 
 
 def test_missing_model(tmp_path):

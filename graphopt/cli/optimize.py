@@ -98,6 +98,12 @@ def optimize(
     from graphopt.report import RunReport
     from graphopt.usercode import load_callable
 
+    if recipe is None and not pass_args and data_source is None:
+        console.warn(
+            "no --data: the default recipe quantizes, which needs calibration data, so the "
+            "'lossless' recipe runs instead."
+        )
+        recipe = "lossless"
     resolved = _resolve_recipe(recipe, pass_args, gates)
     if print_recipe:
         click.echo(resolved.to_yaml(), nl=False)
