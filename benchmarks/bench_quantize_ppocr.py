@@ -324,23 +324,6 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _graphopt_tree() -> dict[str, Any]:
-    """The commit graphopt ran from, and its files that differ from it (others may be editing)."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        try:
-            done = subprocess.run(
-                ["git", *args], cwd=root, capture_output=True, text=True, check=True
-            )
-        except (OSError, subprocess.CalledProcessError):
-            return ""
-        return done.stdout.strip()
-
-    changed = git("status", "--porcelain", "--", "graphopt", "passes", "calibration")
-    return {"commit": git("rev-parse", "HEAD"), "uncommitted": changed.splitlines()}
-
-
 def _fmt(value: Any, spec: str, missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
@@ -607,7 +590,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": _machine(),
         "versions": _versions(),
-        "graphopt_tree": _graphopt_tree(),
+        "graphopt_tree": runs.graphopt_tree(),
         "settings": {
             "samples": args.sample_counts,
             "methods": args.method_list,

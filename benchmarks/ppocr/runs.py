@@ -176,12 +176,33 @@ def graphopt_quantize(
     quantize = next(s for s in result.steps if s.name == "quantize")
     return {
         "work_s": work,
+        "graphopt_tree": graphopt_tree(),
         "steps_s": steps,
         "options": options,
         "pass_stats": json.loads(json.dumps(quantize.pass_stats, default=str)),
         "warnings": quantize.warnings,
         "output_bytes": saved.total_bytes(),
     }
+
+
+def graphopt_tree() -> dict[str, Any]:
+    """The commit graphopt ran from, and its files that differ from it (others may be editing
+    graphopt while the benchmark runs)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        try:
+            done = subprocess.run(
+                ["git", *args], cwd=root, capture_output=True, text=True, check=True
+            )
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+        return done.stdout.strip()
+
+    changed = git("status", "--porcelain", "--", "graphopt", "passes", "calibration")
+    return {"commit": git("rev-parse", "HEAD"), "uncommitted": changed.splitlines()}
 
 
 # ----------------------------------------------------------------------------- evaluation
