@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -30,6 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, os.fspath(Path(__file__).resolve().parent))
+import machine_info  # noqa: E402
 
 DEFAULT_DIR = Path(".cache/bench_large")
 MODEL_NAME = "model.onnx"
@@ -273,43 +275,6 @@ def measure(kind: str, source: Path, out: Path, dim: int, seed: int) -> dict[str
     return result
 
 
-def _machine() -> dict[str, object]:
-    mem_total = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_total = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "memory_gib": mem_total,
-        "python": platform.python_version(),
-    }
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for name in (
-        "graphopt",
-        "onnx",
-        "onnx-ir",
-        "onnxscript",
-        "onnxruntime",
-        "onnxruntime-gpu",
-        "numpy",
-    ):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return found
-
-
 def _table(runs: dict[str, dict[str, Any]], title: str) -> None:
     def cells(run: dict[str, Any]) -> tuple[str, ...]:
         sampled = run.get("sampled_peak_mib", {})
@@ -439,8 +404,8 @@ def main() -> None:
     )
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": _machine(),
-        "versions": _versions(),
+        "machine": machine_info.machine(),
+        "versions": machine_info.versions(),
         "model": {
             "layers": args.layers,
             "dim": args.dim,

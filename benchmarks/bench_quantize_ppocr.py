@@ -43,7 +43,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import re
 import resource
 import signal
@@ -56,6 +55,7 @@ from typing import Any
 
 sys.path.insert(0, os.fspath(Path(__file__).resolve().parent))
 
+import machine_info  # noqa: E402
 from ppocr import runs  # noqa: E402
 from ppocr.model import fetch_model, read_characters  # noqa: E402
 
@@ -303,43 +303,6 @@ def graphopt_quantize_status() -> str | None:
 
 
 # ----------------------------------------------------------------------------- report
-
-
-def _machine() -> dict[str, Any]:
-    memory = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                memory = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return {
-        "platform": platform.platform(),
-        "processor": platform.machine(),
-        "cpus": os.cpu_count(),
-        "memory_gib": memory,
-        "python": platform.python_version(),
-    }
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for name in (
-        "graphopt",
-        "onnx",
-        "onnx-ir",
-        "onnxruntime",
-        "onnxruntime-gpu",
-        "numpy",
-        "pillow",
-    ):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return found
 
 
 def _fmt(value: Any, spec: str, missing: str = "-") -> str:
@@ -618,8 +581,8 @@ def main() -> None:
     report: dict[str, Any] = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": _machine(),
-        "versions": _versions(),
+        "machine": machine_info.machine(),
+        "versions": machine_info.versions(("pillow",)),
         "graphopt_tree": runs.graphopt_tree(),
         "settings": {
             "samples": args.sample_counts,
