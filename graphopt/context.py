@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -33,4 +33,3 @@ class Context:
     threads: int | None = None
     batch_size: int = 32
     seed: int = 0
-    extras: dict[str, object] = field(default_factory=dict)
