@@ -46,6 +46,7 @@ import os
 import re
 import resource
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -113,7 +114,7 @@ def run_child(job: dict[str, Any], *, mem_limit_gb: float, timeout_s: float) -> 
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        busy_before = _cpu_busy_s()
+        before = _cpu_times()
         start = time.perf_counter()
         # Output goes to files, not pipes: nothing reads a pipe while we wait.
         process = subprocess.Popen(
@@ -131,7 +132,10 @@ def run_child(job: dict[str, Any], *, mem_limit_gb: float, timeout_s: float) -> 
                 break
             time.sleep(0.05)
         wall = time.perf_counter() - start
-        busy = _cpu_busy_s() - busy_before
+        after = _cpu_times()
+        busy, steal = (
+            (after[0] - before[0], after[1] - before[1]) if before and after else (None, None)
+        )
         process.returncode = code = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
@@ -146,6 +150,8 @@ def run_child(job: dict[str, Any], *, mem_limit_gb: float, timeout_s: float) -> 
         "others_cores": max(0.0, busy - usage.ru_utime - usage.ru_stime) / wall
         if busy is not None and wall > 0
         else None,
+        # Of which stolen by the hypervisor for other virtual machines.
+        "steal_cores": steal / wall if steal is not None and wall > 0 else None,
     }
     line = next((ln for ln in stdout.splitlines() if ln.startswith("RESULT ")), None)
     if timed_out:
@@ -164,15 +170,17 @@ def run_child(job: dict[str, Any], *, mem_limit_gb: float, timeout_s: float) -> 
     return record
 
 
-def _cpu_busy_s() -> float | None:
-    """Busy CPU seconds of the whole machine since boot (all cores), from /proc/stat."""
+def _cpu_times() -> tuple[float, float] | None:
+    """Busy and stolen CPU seconds of the whole machine since boot (all cores), from
+    /proc/stat; busy includes steal (time the hypervisor gave to other virtual machines)."""
     try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    except (OSError, IndexError):
+        ticks = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    except (OSError, IndexError, ValueError):
         return None
-    ticks = [int(v) for v in fields]
-    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
-    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    ticks += [0] * (8 - len(ticks))
+    per_s = os.sysconf("SC_CLK_TCK")
+    busy = sum(ticks) - ticks[3] - ticks[4]  # all but idle and iowait
+    return busy / per_s, ticks[7] / per_s
 
 
 def _job_key(job: dict[str, Any]) -> str:
@@ -198,12 +206,12 @@ def _wait_for_quiet(max_wait_s: float, tag: str) -> float | None:
     deadline = time.monotonic() + max_wait_s
     told = False
     while True:
-        first = _cpu_busy_s()
+        first = _cpu_times()
         time.sleep(2.0)
-        second = _cpu_busy_s()
+        second = _cpu_times()
         if first is None or second is None:
             return None
-        busy = (second - first) / 2.0
+        busy = (second[0] - first[0]) / 2.0
         if busy < 0.25 or time.monotonic() >= deadline:
             return busy
         if not told:
@@ -303,6 +311,37 @@ def graphopt_quantize_status() -> str | None:
 
 
 # ----------------------------------------------------------------------------- report
+
+
+def _latency_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (threads, batch): the median over rounds of each round's median and p90,
+    with every round's median and the others' CPU use during the rounds."""
+    done = [r for r in records if r["status"] == "ok"]
+    if not done:
+        return [{"status": records[0]["status"] if records else "not run"}]
+    rows = []
+    for first in done[0]["rows"]:
+        key = (first["threads"], first["batch"])
+        same = [x for r in done for x in r["rows"] if (x["threads"], x["batch"]) == key]
+        medians = [x["median_ms"] for x in same]
+        rows.append(
+            {
+                "status": "ok",
+                "threads": key[0],
+                "batch": key[1],
+                "median_ms": statistics.median(medians),
+                "p90_ms": statistics.median(x["p90_ms"] for x in same),
+                "round_medians_ms": medians,
+                "runs_per_round": first["runs"],
+                "others_cores": max((r.get("others_cores") or 0.0) for r in done),
+                "steal_cores": max((r.get("steal_cores") or 0.0) for r in done),
+            }
+        )
+    return rows
+
+
+def _spread(values: list[float] | None) -> str:
+    return f"{min(values):.1f}-{max(values):.1f}" if values else "-"
 
 
 def _fmt(value: Any, spec: str, missing: str = "-") -> str:
@@ -428,7 +467,7 @@ def print_tables(report: dict[str, Any]) -> None:
     rows = []
     for r in latency:
         if "median_ms" not in r:
-            rows.append([r["label"], r["method"], "-", "-", r["status"], "-", "-", "-"])
+            rows.append([r["label"], r["method"], "-", "-", r["status"], "-", "-", "-", "-"])
             continue
         base = fp32.get((r["threads"], r["batch"]))
         rows.append(
@@ -438,6 +477,7 @@ def print_tables(report: dict[str, Any]) -> None:
                 str(r["threads"]),
                 str(r["batch"]),
                 f"{r['median_ms']:.2f}",
+                _spread(r.get("round_medians_ms")),
                 f"{r['p90_ms']:.2f}",
                 f"{base / r['median_ms']:.2f}x" if base else "-",
                 _fmt(r.get("others_cores"), ".2f"),
@@ -451,13 +491,16 @@ def print_tables(report: dict[str, Any]) -> None:
             "threads",
             "batch",
             "median ms",
+            "rounds' medians",
             "p90 ms",
             "speed-up vs FP32",
             "others' cores",
         ],
         rows,
         "One session per thread count (intra-op threads, sequential execution); median and p90 "
-        "of timed runs after warm-up; the quantized models' latency does not depend on the "
+        "of timed runs after warm-up, in rounds over all models (the median over rounds, and "
+        "the lowest-highest of the rounds' medians); the quantized models' latency does not "
+        "depend on the "
         "calibration method or samples, so one model per tool and activation type is timed. "
         + OTHERS_NOTE,
     )
@@ -499,6 +542,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-graphopt", action="store_true", help="no graphopt rows")
     parser.add_argument("--skip-latency", action="store_true", help="no latency table")
     parser.add_argument("--latency-runs", type=int, default=40, help="timed runs at batch 1")
+    parser.add_argument(
+        "--latency-rounds",
+        type=int,
+        default=3,
+        help="latency runs of every model, in rounds over all models; the median is reported",
+    )
     parser.add_argument(
         "--mem-limit-gb", type=float, default=16.0, help="address-space limit of each child"
     )
@@ -770,24 +819,31 @@ def main() -> None:
         for tool in dict.fromkeys(p[0] for p in produced):
             mine = [p for p in produced if p[0] == tool]
             timed.append(max(mine, key=lambda p: (p[4], -order[p[3]])))
-        for tool, label, tag, method, n, path in timed:
-            job = {
-                "job": "latency",
-                "model": os.fspath(path),
-                "test": os.fspath(test),
-                "threads": [1, 2],
-                "sizes": [1, 16],
-                "runs": args.latency_runs,
-                "warmup": 5 if not args.quick else 2,
-            }
-            record = run(f"latency-{tag}", job, f"latency of {tag}")
-            if record["status"] != "ok":
-                report["latency"].append(row(tool, label, method, n, {"status": record["status"]}))
-                continue
-            for r in record["rows"]:
-                r = {**r, "others_cores": record.get("others_cores")}
-                report["latency"].append(row(tool, label, method, n, r))
-            save()
+        # Rounds over all models, so that a slow spell of the machine hits every model alike.
+        records: dict[str, list[dict[str, Any]]] = {entry[2]: [] for entry in timed}
+        for round_ in range(args.latency_rounds):
+            for _tool, _label, tag, _method, _n, path in timed:
+                job = {
+                    "job": "latency",
+                    "model": os.fspath(path),
+                    "test": os.fspath(test),
+                    "threads": [1, 2],
+                    "sizes": [1, 16],
+                    "runs": args.latency_runs,
+                    "warmup": 5 if not args.quick else 2,
+                }
+                records[tag].append(
+                    run(
+                        f"latency-{tag}-r{round_ + 1}",
+                        job,
+                        f"latency of {tag}, round {round_ + 1}/{args.latency_rounds}",
+                    )
+                )
+        for tool, label, tag, method, n, _path in timed:
+            report["latency"].extend(
+                row(tool, label, method, n, r) for r in _latency_rows(records[tag])
+            )
+        save()
 
     save()
     print_tables(report)
