@@ -623,7 +623,8 @@ def main() -> None:
         args.wait_idle,
         args.rerun_busy,
     )
-    models = cache / "models"
+    # Per calibration split: a --quick run (a smaller split) must not touch the full run's files.
+    models = cache / "models" / calib.stem
     reference = cache / "work" / f"fp32_probs_{test.stem}.npy"
     reference.parent.mkdir(parents=True, exist_ok=True)
 
