@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from graphopt.data import Dataset
+
+    Metric = Callable[[Mapping[str, np.ndarray], np.ndarray], float]
 
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -24,6 +29,8 @@ class Context:
         batch_size: samples per ORT run when streaming data.
         seed: seed for anything random a pass does.
         workdir: a scratch folder that lives as long as the run.
+        metric: the user's accuracy metric `fn(outputs, labels) -> float` (batch mean), or
+            None for top-1 accuracy; passes with an accuracy budget measure with it.
     """
 
     workdir: Path
@@ -33,3 +40,4 @@ class Context:
     threads: int | None = None
     batch_size: int = 32
     seed: int = 0
+    metric: Metric | None = None

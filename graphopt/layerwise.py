@@ -108,6 +108,7 @@ def compare_layers(
     threads: int | None = None,
     workdir: Path | None = None,
     group_size: int = 64,
+    tensors: Sequence[str] | None = None,
 ) -> LayerReport:
     """Compare every intermediate float tensor the two models share, in graph order.
 
@@ -117,12 +118,17 @@ def compare_layers(
         dataset: data both models run on.
         group_size: tensors exposed per run over the data; larger is faster and uses
             more memory (one batch of that many activations).
+        tensors: compare only these (those that match); None compares every shared one.
     """
     from graphopt.runtime import create_session
 
     ref_model = _as_model(reference)
     cand_model = _as_model(candidate)
-    matched, unmatched = _shared_tensors(ref_model, cand_model)
+    matched, unmatched = _shared_tensors(ref_model, cand_model, with_outputs=tensors is not None)
+    if tensors is not None:
+        wanted = set(tensors)
+        matched = [item for item in matched if item[0] in wanted]
+        unmatched = [name for name in unmatched if name in wanted]
     layers: list[LayerFidelity] = []
     samples = 0
     groups = list(_groups(matched, group_size))
@@ -183,12 +189,13 @@ def _produced(model: ir.Model) -> dict[str, tuple[str, str, ir.Value]]:
 
 
 def _shared_tensors(
-    reference: Model, candidate: Model
+    reference: Model, candidate: Model, *, with_outputs: bool = False
 ) -> tuple[list[tuple[str, str, str]], list[str]]:
-    """Float tensors produced in both models with the same name and compatible shape."""
+    """Float tensors produced in both models with the same name and compatible shape (graph
+    outputs only `with_outputs`: the report of final outputs covers them otherwise)."""
     ref = _produced(_typed_copy(reference))
     cand = _produced(_typed_copy(candidate))
-    outputs = {value.name for value in reference.graph.outputs}
+    outputs = set() if with_outputs else {value.name for value in reference.graph.outputs}
     matched, unmatched = [], []
     for name, (node, op, value) in ref.items():
         if name in outputs or not _is_float(value):

@@ -72,6 +72,8 @@ def run_pipeline(
         PassFailed: a pass raised an unexpected error or left a model that fails the check.
         GraphoptError: bad data or a runtime failure while validating.
     """
+    if metric is None:
+        metric = ctx.metric
     reference: Model | Path = model.path if model.path is not None else model.copy()
     full_check = _passes_full_check(model)
     original = StepRecord(name="original", seconds=0.0, modified=False, model_stats=analyze(model))

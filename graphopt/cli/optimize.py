@@ -137,10 +137,9 @@ def optimize(
             threads=threads,
             batch_size=batch_size,
             seed=seed,
+            metric=metric_fn,
         )
-        report.result = result = run_pipeline(
-            model, resolved, ctx, metric=metric_fn, on_step=_show_step
-        )
+        report.result = result = run_pipeline(model, resolved, ctx, on_step=_show_step)
         if latency_runs > 0:
             report.latency = _latencies(model_path, result.model, val or calib, ctx, latency_runs)
         if result.passed:
