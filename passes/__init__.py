@@ -4,4 +4,9 @@ The registry in `base` imports the modules listed here the first time it is aske
 pass, so importing `graphopt.passes.base` alone stays cheap and free of cycles.
 """
 
-BUILTIN_PASS_MODULES: tuple[str, ...] = ("cleanup", "graphsurgeon", "quantize")
+BUILTIN_PASS_MODULES: tuple[str, ...] = (
+    "cleanup",
+    "graphsurgeon",
+    "quantize",
+    "smoothquant",
+)
