@@ -46,7 +46,10 @@ _OPS = ("MatMul", "Gemm")
 _PASS = "quantize"
 # Ops whose meaning changes before opset 21 in ways `opset.blockers` does not see.
 _CHANGED_BY_21 = {
-    "GroupNormalization": (21, "its scale and bias are per group before opset 21, per channel"),
+    "GroupNormalization": (
+        21,
+        "its scale and bias are per group before opset 21, per channel from 21",
+    ),
     "DFT": (20, "its axis becomes an input with another default at opset 20"),
 }
 
@@ -203,7 +206,7 @@ def _opset_to_raise(m: ir.Model) -> int | None:
         pass_name=_PASS,
         node=stopped[0].split(" (")[0],
         hint=f"Re-export the model at opset {INT4_OPSET} (or convert it with "
-        "onnx.version_converter) and run again, or exclude nothing and use precision=int8.",
+        "onnx.version_converter) and run again, or use precision=int8, which needs opset 13.",
     )
 
 
