@@ -12,6 +12,8 @@ What it does, repeated until nothing changes:
   initializer (it becomes a Constant node instead);
 - folds an inference-mode BatchNormalization into the Conv, ConvTranspose or Gemm before it
   where that is exact;
+- fuses hard-sigmoid and hard-swish written out as Add/Clip/Mul/Div into HardSigmoid (and a
+  Mul), one pass over the tensor instead of three or four;
 - merges initializers with identical dtype, shape and bytes.
 
 Lossless: outputs equal within float rounding. Preserves the names, types and shapes of the
@@ -23,7 +25,8 @@ graph input.
 alone, with the reason (for `--explain`).
 
 One module per rule family: `trivial` (Identity, Dropout), `constants` (folding, with
-`bounded_folder` the one place onnxscript's private API is used), `batchnorm`, `dedup`,
+`bounded_folder` the one place onnxscript's private API is used), `batchnorm`,
+`activations`, `dedup`,
 `unused`; `bookkeeping` measures and guards the model around them, `common` holds the IR
 helpers they share.
 """
@@ -38,7 +41,7 @@ import onnx_ir as ir
 from graphopt.context import Context
 from graphopt.model import Model
 from graphopt.passes.base import Pass, PassResult, option, register_pass
-from graphopt.passes.cleanup import batchnorm, constants, trivial
+from graphopt.passes.cleanup import activations, batchnorm, constants, trivial
 from graphopt.passes.cleanup.bookkeeping import (
     count_initializers,
     count_nodes,
@@ -67,6 +70,9 @@ class CleanupOptions:
     )
     deduplicate: bool = option(True, "merge initializers with identical dtype, shape and bytes")
     remove_dropout: bool = option(True, "remove Dropout nodes that run in inference mode")
+    fuse_activations: bool = option(
+        True, "rewrite hard-sigmoid/hard-swish spelled as Add, Clip, Mul, Div into HardSigmoid"
+    )
     fold_size_limit: int = option(
         1 << 20,
         "largest tensor (in elements) constant folding may read or create",
@@ -89,10 +95,11 @@ class Refusal:
 
 @register_pass
 class CleanupPass(Pass[CleanupOptions]):
-    """Removes dead and redundant nodes, folds constants and BatchNormalization.
+    """Removes dead and redundant nodes, folds constants and BatchNormalization, fuses
+    written-out hard-sigmoid/hard-swish.
 
     Changes: node and initializer counts, weights of Conv/ConvTranspose/Gemm that absorb a
-    BatchNormalization. Preserves: graph input/output names, types and shapes; subgraphs.
+    BatchNormalization, Add/Clip/Mul/Div chains that become HardSigmoid. Preserves: graph input/output names, types and shapes; subgraphs.
     Lossless: outputs equal within float rounding.
     """
 
@@ -162,6 +169,10 @@ class CleanupPass(Pass[CleanupOptions]):
         if opts.fold_batchnorm and can_add_weights:
             count = batchnorm.fold_all(m)
             stats["batchnorms_folded"] += count
+            modified |= count > 0
+        if opts.fuse_activations:
+            count = activations.fuse_hard_sigmoid(m)
+            stats["activations_fused"] += count
             modified |= count > 0
         modified |= remove_unused(m, stats)
         modified |= remove_unused_opsets(m, stats)
