@@ -32,6 +32,7 @@ class RunReport:
     def renderables(self) -> list[Table]:
         """What the CLI prints: the per-pass table, latency, the final fidelity."""
         shown = [self.table()]
+        shown.extend(self.excluded_tables())
         latency = self.latency_table()
         if latency is not None:
             shown.append(latency)
@@ -58,6 +59,29 @@ class RunReport:
         for step in self.result.steps:
             table.add_row(*_row(step, is_original=step.name == "original"))
         return table
+
+    def excluded_tables(self) -> list[Table]:
+        """For each pass that lists candidate ops it left alone (quantize's `excluded`), how
+        many and why, with the first few by name; the JSON report has every one."""
+        assert self.result is not None, "the report has no pipeline result yet"
+        tables = []
+        for step in self.result.steps:
+            excluded = step.pass_stats.get("excluded")
+            if not excluded:
+                continue
+            by_reason: dict[str, list[str]] = {}
+            for item in excluded:
+                by_reason.setdefault(item["reason"], []).append(item["node"])
+            table = Table(title=f"{step.name}: ops left in float", title_justify="left")
+            for column in ("reason", "ops", "which"):
+                table.add_column(column, justify="right" if column == "ops" else "left")
+            for reason, nodes in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+                shown = ", ".join(nodes[:3]) + (
+                    f", ... (+{len(nodes) - 3})" if len(nodes) > 3 else ""
+                )
+                table.add_row(reason, str(len(nodes)), shown)
+            tables.append(table)
+        return tables
 
     def latency_table(self) -> Table | None:
         if not self.latency:
