@@ -3,7 +3,8 @@
     ranges = calibrate(model, dataset, ["conv1_out", "relu2_out"], method="entropy")
     scale = ranges["conv1_out"].amax() / 127
 
-Four methods: `minmax`, `percentile`, `entropy` (TensorRT's KL search) and `mse`. Statistics
+Four methods: `minmax`, `percentile`, `entropy` (TensorRT's KL search) and `mse`; the last
+two search thresholds for a number grid, int8 or fp8 (`precision`). Statistics
 are reduced inside the graph where possible and streamed, so memory does not grow with the
 number of samples; the histogram methods take two passes over fixed-edge histograms, so
 ranges do not depend on the batch size. Data comes as a graphopt `Dataset` or as an ONNX

@@ -25,6 +25,7 @@ from graphopt.calibration.cache import CalibrationCache, range_keys
 from graphopt.calibration.datasets import CalibrationDataReader, dataset_from_reader, head
 from graphopt.calibration.histogram import (
     MIN_BINS,
+    Grid,
     Histogram,
     entropy_bins,
     mse_bins,
@@ -67,6 +68,7 @@ def calibrate(
     cache: CalibrationCache | None = None,
     max_batch_bytes: int = DEFAULT_BATCH_BYTES,
     nonfinite: NonFinite = "raise",
+    precision: Grid = "int8",
 ) -> dict[str, TensorRange]:
     """Calibrate the range of each named tensor on the dataset.
 
@@ -78,7 +80,8 @@ def calibrate(
         tensors: names of float tensors of the main graph (node outputs, graph inputs).
         method: "minmax" (the observed range); "percentile" (the range holding
             `percentile` % of the values); "entropy" (TensorRT's KL-divergence threshold for
-            int8); "mse" (the int8 clip threshold with the least expected squared error).
+            int8, or fp8); "mse" (the clip threshold with the least expected squared error
+            under int8, or fp8, rounding).
         symmetric: ranges of the form [-t, t]. With False: minmax gives [min, max];
             percentile cuts (100 - percentile) / 2 % off each tail of a signed histogram;
             entropy and mse compute the symmetric threshold t on |x| and return
@@ -97,6 +100,10 @@ def calibrate(
         nonfinite: what to do with a tensor that holds inf or NaN on this data: "raise"
             a CalibrationError naming it, or "skip" it (left out of the result, with a
             warning).
+        precision: the number format the ranges are for, which "entropy" and "mse" search
+            thresholds under: "int8" (127 even steps up to the threshold) or "fp8" (float8
+            e4m3fn scaled so that 448 is the threshold, whose steps grow with magnitude).
+            minmax and percentile do not depend on it.
 
     Returns:
         {tensor name: TensorRange}, in the order of `tensors` (duplicates once).
@@ -109,7 +116,9 @@ def calibrate(
     """
     per_channel = dict(per_channel or {})
     names = list(dict.fromkeys(tensors))
-    _check_options(method, percentile, bins, samples, batch_size, max_batch_bytes, nonfinite)
+    _check_options(
+        method, percentile, bins, samples, batch_size, max_batch_bytes, nonfinite, precision
+    )
     _check_per_channel(method, per_channel, names)
     if not names:
         return {}
@@ -122,7 +131,7 @@ def calibrate(
             f"{data.description} holds no samples to calibrate on.",
             hint="Give calibration data with at least one sample.",
         )
-    settings = _Settings(method, symmetric, percentile, bins)
+    settings = _Settings(method, symmetric, percentile, bins, precision)
 
     found: dict[str, TensorRange] = {}
     keys: dict[str, str] = {}
@@ -154,6 +163,7 @@ class _Settings:
     symmetric: bool
     percentile: float
     bins: int
+    precision: str = "int8"
 
     def key(self, target: Target) -> dict[str, object]:
         """What changes a range besides model and data (the cache key's options)."""
@@ -166,6 +176,8 @@ class _Settings:
             key["bins"] = self.bins
         if self.method == "percentile":
             key["percentile"] = self.percentile
+        if self.method in ("entropy", "mse") and self.precision != "int8":
+            key["precision"] = self.precision  # int8 keys stay as they were before fp8
         return key
 
 
@@ -177,6 +189,7 @@ def _check_options(
     batch_size: int,
     max_batch_bytes: int,
     nonfinite: str,
+    precision: str = "int8",
 ) -> None:
     problems = []
     if method not in METHODS:
@@ -193,6 +206,8 @@ def _check_options(
         problems.append(f"max_batch_bytes={max_batch_bytes} is not at least 1")
     if nonfinite not in ("raise", "skip"):
         problems.append(f"nonfinite='{nonfinite}' is not 'raise' or 'skip'")
+    if precision not in ("int8", "fp8"):
+        problems.append(f"precision='{precision}' is not 'int8' or 'fp8'")
     if problems:
         raise CalibrationError(
             "Calibration options are invalid: " + "; ".join(problems) + ".",
@@ -368,9 +383,11 @@ def _histogram_range(
     if method == "percentile":
         threshold = percentile_value(hist, settings.percentile / 100.0)
     elif method == "entropy":
-        threshold = hist.edge(entropy_bins(hist.counts))
+        threshold = hist.edge(entropy_bins(hist.counts, grid=settings.precision))  # type: ignore[arg-type]
     else:
-        threshold = hist.edge(mse_bins(hist.counts, top_position=hist.top_position))
+        threshold = hist.edge(
+            mse_bins(hist.counts, top_position=hist.top_position, grid=settings.precision)  # type: ignore[arg-type]
+        )
     if settings.symmetric:
         return symmetric_range(target.name, threshold, axis=None, method=method, samples=samples)
     low = max(float(seen.low), -threshold)
