@@ -53,6 +53,12 @@ BUILTIN_RECIPES: dict[str, dict[str, Any]] = {
         "passes": ["cleanup", {"quantize": {"target": "ort-cpu"}}],
         "validation": {"min_cosine": 0.99},
     },
+    "trt-fp8": {
+        "description": "fp8 (float8 e4m3fn) Q/DQ placed for TensorRT on Hopper and later "
+        "(scales amax/448, zero points 0, opset 19), after cleanup",
+        "passes": ["cleanup", {"quantize": {"precision": "fp8", "target": "tensorrt"}}],
+        "validation": {"min_cosine": 0.99},
+    },
 }
 
 _TOP_LEVEL_KEYS = {"description", "passes", "validation"}

@@ -263,8 +263,14 @@ def create_session(
         source = os.fspath(model)
     ort = _ort()
     ort.set_default_logger_severity(ORT_LOG_ERROR)
+    options = _session_options(threads)
+    if isinstance(model, Model) and _has_float8(model):
+        # ORT 1.31's QDQ fusions take float8 Q/DQ for int8 ones (QLinearConv then refuses
+        # the model) and, with those off, an extended-level rewrite changes the results;
+        # basic optimizations run the float8 Q/DQ as written.
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     try:
-        session = ort.InferenceSession(source, _session_options(threads), providers=providers)
+        session = ort.InferenceSession(source, options, providers=providers)
     except Exception as exc:  # ORT raises its own exception types for every failure
         if cleanup is not None:
             shutil.rmtree(cleanup, ignore_errors=True)
@@ -277,6 +283,14 @@ def create_session(
     if cleanup is not None:
         weakref.finalize(wrapped, shutil.rmtree, cleanup, ignore_errors=True)
     return wrapped
+
+
+def _has_float8(model: Model) -> bool:
+    """Whether the main graph holds a float8 initializer (fp8 weights or zero points)."""
+    return any(
+        value.dtype is not None and value.dtype.name.startswith("FLOAT8")
+        for value in model.ir.graph.initializers.values()
+    )
 
 
 def _session_options(threads: int | None) -> Any:

@@ -7,7 +7,9 @@ Targets (placement profiles):
   zero point 0, per-tensor activations at the inputs of Conv/ConvTranspose/Gemm/MatMul,
   int8 weights with per-output-channel scales, the skip input of a residual Add, shared
   scales around Concat. The result is checked against TensorRT's constraints (`trtcheck`);
-  a violation fails the pass, naming the node.
+  a violation fails the pass, naming the node. With ``precision=fp8`` (Hopper and later) the
+  same places get float8 e4m3fn Q/DQ: zero points 0 of that type, scales amax / 448, weights
+  stored as float8 e4m3fn, biases left in float; the model is raised to opset 19.
 - ``ort-cpu``: the QDQ patterns ONNX Runtime's CPU provider fuses into integer kernels
   (`ortcpu` module): uint8 activations with zero points, int8 per-channel weights, int32
   biases, outputs quantized where the fused kernel needs it (QLinearConv, QLinearMatMul,
@@ -17,7 +19,10 @@ Which ops are left in float, and why, is decided in `sites` (reason codes ``user
 ``small-channels``, ``GEMV``, ``attention``, ``LayerNorm``, ``GELU``, ...) and listed in the
 pass's stats. Ops that already read quantized inputs are left alone, so a second run changes
 nothing. Models below opset 13 are raised to 13 when every op keeps its meaning there
-(`opset`), otherwise the pass fails and says which nodes stand in the way.
+(`opset`; to 19 for fp8), otherwise the pass fails and says which nodes stand in the way.
+ONNX Runtime's CPU provider has no fp8 kernels, so ``precision=fp8`` with ``target=ort-cpu``
+is refused when the recipe is read (its CPU QuantizeLinear/DequantizeLinear do run float8,
+unfused, which is how fp8 models are validated).
 
 Modules: `sites` (which compute ops, exclusions), `plan` (the placement data), `tensorrt` and
 `ortcpu` (the profiles), `ranges` (calibration), `qparams` (the numbers), `insert` (the
@@ -50,7 +55,7 @@ from graphopt.passes.quantize.sites import (
     select,
 )
 from graphopt.passes.quantize.tensorrt import plan_tensorrt
-from graphopt.passes.quantize.trtcheck import MIN_OPSET, check_tensorrt
+from graphopt.passes.quantize.trtcheck import FP8_MIN_OPSET, MIN_OPSET, check_tensorrt
 
 #: The calibrator when none is named. mse (the int8 clip with the least expected squared
 #: error) was the most accurate on PP-OCRv4's recogniser (400 rendered lines, 64 calibration
@@ -66,8 +71,10 @@ _MAX_PLANS = 4
 class QuantizeOptions:
     """How to quantize, for which runtime, and what to leave in float."""
 
-    precision: Literal["int8"] = option(
-        "int8", "number format: int8 (weights and activations); fp8 and int4 are planned"
+    precision: Literal["int8", "fp8"] = option(
+        "int8",
+        "number format of weights and activations: int8, or fp8 (float8 e4m3fn, scale "
+        "amax/448; target=tensorrt only, Hopper and later; needs opset 19)",
     )
     calibrator: Literal["minmax", "percentile", "entropy", "mse"] = option(
         DEFAULT_CALIBRATOR,
@@ -107,6 +114,12 @@ class QuantizeOptions:
     def __post_init__(self) -> None:
         for entry in self.exclude:
             parse_exclude(entry)
+        if self.precision == "fp8" and self.target == "ort-cpu":
+            raise ValueError(
+                "precision=fp8 needs target=tensorrt: ONNX Runtime's CPU provider has no "
+                "fp8 kernels (it would run every float8 Q/DQ unfused, slower than float); "
+                "use precision=int8 for target=ort-cpu"
+            )
 
 
 def _infer_types_and_shapes(m: ir.Model) -> Callable[[], None]:
@@ -148,15 +161,16 @@ def _infer_types_and_shapes(m: ir.Model) -> Callable[[], None]:
 class QuantizePass(Pass[QuantizeOptions]):
     """Inserts QuantizeLinear/DequantizeLinear nodes calibrated on `--data`.
 
-    Changes: weights of quantized ops become int8 initializers behind DequantizeLinear;
-    activations get QuantizeLinear -> DequantizeLinear pairs; models below opset 13 are raised
-    to 13. Preserves: graph input/output names, types and shapes; ops left in float.
+    Changes: weights of quantized ops become int8 (or fp8) initializers behind
+    DequantizeLinear; activations get QuantizeLinear -> DequantizeLinear pairs; models below
+    opset 13 (19 for fp8) are raised to it. Preserves: graph input/output names, types and
+    shapes; ops left in float.
     Lossy: validate afterwards (the `trt-int8` and `ort-int8` recipes gate on cosine).
     """
 
     name = "quantize"
     options_type = QuantizeOptions
-    summary = "insert calibrated int8 Q/DQ nodes placed for TensorRT or ONNX Runtime's CPU"
+    summary = "insert calibrated int8 or fp8 Q/DQ nodes placed for TensorRT or ORT's CPU"
 
     def run(self, model: Model, ctx: Context) -> PassResult:
         opts = self.options
@@ -199,7 +213,7 @@ class QuantizePass(Pass[QuantizeOptions]):
             return PassResult(modified=False, stats=stats, warnings=warnings)
         if raise_from is not None:
             stats["opset_raised_from"] = raise_from
-            stats["opset_rewritten_nodes"] = opset.raise_opset(m, MIN_OPSET)
+            stats["opset_rewritten_nodes"] = opset.raise_opset(m, self._min_opset())
         inserted = insert.apply(m.graph, plan, measured, per_channel=opts.per_channel)
         ir_passes.TopologicalSortPass()(m)
         stats.update(
@@ -216,7 +230,9 @@ class QuantizePass(Pass[QuantizeOptions]):
         self, graph: ir.Graph, selection: Selection, excluder: Excluder, forbidden: frozenset[str]
     ) -> Plan:
         if self.options.target == "tensorrt":
-            return plan_tensorrt(graph, selection, excluder, forbidden)
+            return plan_tensorrt(
+                graph, selection, excluder, forbidden, precision=self.options.precision
+            )
         unsigned = self._ort_kernels()[0] == "u8u8"
         return plan_ortcpu(graph, selection, excluder, forbidden, unsigned_weights=unsigned)
 
@@ -253,6 +269,7 @@ class QuantizePass(Pass[QuantizeOptions]):
                 symmetric=plan.symmetric,
                 percentile=opts.percentile,
                 samples=opts.samples,
+                precision=opts.precision,
             )
             measured.update(got)
             missing = {
@@ -297,22 +314,27 @@ class QuantizePass(Pass[QuantizeOptions]):
             "excluded": [item.to_dict() for item in selection.excluded],
         }
 
+    def _min_opset(self) -> int:
+        """13 for per-channel int8 DequantizeLinear, 19 for float8 Q/DQ."""
+        return FP8_MIN_OPSET if self.options.precision == "fp8" else MIN_OPSET
+
     def _opset_to_raise(self, model: Model) -> int | None:
-        """The model's opset if it must be raised to 13 (None if not); fails the pass when
-        raising it would change an op's meaning."""
+        """The model's opset if it must be raised to 13 (19 for fp8; None if not); fails the
+        pass when raising it would change an op's meaning."""
         current = opset.default_opset(model.ir)
-        if current >= MIN_OPSET:
+        target = self._min_opset()
+        if current >= target:
             return None
-        stopped = opset.blockers(model.ir, MIN_OPSET)
+        stopped = opset.blockers(model.ir, target)
         if stopped:
             more = f"; and {len(stopped) - 5} more" if len(stopped) > 5 else ""
+            needs = "fp8" if target == FP8_MIN_OPSET else "per-channel"
             raise PassFailed(
-                f"The model uses opset {current}, and per-channel quantization needs opset "
-                f"{MIN_OPSET}, but raising it would change these ops: "
-                f"{'; '.join(stopped[:5])}{more}.",
+                f"The model uses opset {current}, and {needs} quantization needs opset {target}, "
+                f"but raising it would change these ops: {'; '.join(stopped[:5])}{more}.",
                 pass_name=self.name,
                 node=stopped[0].split(" (")[0],
-                hint="Re-export the model at opset 13 or newer (or convert it with "
+                hint=f"Re-export the model at opset {target} or newer (or convert it with "
                 "onnx.version_converter) and run again.",
             )
         return current
@@ -329,6 +351,6 @@ class QuantizePass(Pass[QuantizeOptions]):
             pass_name=self.name,
             node=violations[0].node,
             hint="Q/DQ nodes that were in the model before this pass must be symmetric int8 "
-            "with zero points 0 and per-channel scales only on weights; fix or remove them, "
-            "or use target=ort-cpu.",
+            "(or fp8) with zero points 0 and per-channel scales only on weights; fix or "
+            "remove them, or use target=ort-cpu.",
         )

@@ -1,5 +1,5 @@
-"""Applying a plan: QuantizeLinear -> DequantizeLinear pairs on activations, int8 weights
-behind DequantizeLinear, int32 biases (ort-cpu). Everything new is named after the tensor
+"""Applying a plan: QuantizeLinear -> DequantizeLinear pairs on activations, int8 or fp8
+weights behind DequantizeLinear, int32 biases (ort-cpu). Everything new is named after the tensor
 it stands for (``<name>_quantized``, ``<name>_scale``, ...), made unique in the graph."""
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ def group_params(plan: Plan, ranges: Mapping[str, RangeLike]) -> dict[str, QPara
             raise MissingRange(f"no calibrated range for {', '.join(missing)}")
         # A Concat output that widens the group but could not be measured is skipped.
         members = [name for name in members if name in ranges]
-        shared = qparams.activation_params((ranges[m] for m in members), symmetric=plan.symmetric)
+        shared = qparams.activation_params(
+            (ranges[m] for m in members), symmetric=plan.symmetric, precision=plan.precision
+        )
         for name in members:
             if name in plan:
                 params[name] = shared
@@ -85,7 +87,14 @@ def apply(
         key = (w.name, axis, alpha)
         if key not in weights:
             weights[key] = _quantized_weight(
-                graph, names, site.node, w, axis, alpha, unsigned=plan.unsigned_weights
+                graph,
+                names,
+                site.node,
+                w,
+                axis,
+                alpha,
+                unsigned=plan.unsigned_weights,
+                precision=plan.precision,
             )
             inserted.weights += 1
             inserted.dequantize_linear += 1
@@ -187,17 +196,22 @@ def _quantized_weight(
     factor: float = 1.0,
     *,
     unsigned: bool = False,
+    precision: qparams.Precision = "int8",
 ) -> ir.Value:
-    """An int8 copy of `weight` x `factor` behind a DequantizeLinear; with `unsigned` the
-    same values stored as uint8 with zero point 128."""
+    """An int8 (or fp8) copy of `weight` x `factor` behind a DequantizeLinear; with
+    `unsigned` the same int8 values stored as uint8 with zero point 128."""
     tensor = constant(weight)
     assert tensor is not None
     array = np.asarray(tensor.numpy(), np.float32)
     if factor != 1.0:
         array = array * np.float32(factor)
-    scales = qparams.weight_scales(array, axis)
-    values = qparams.quantize_weight(array, scales, axis)
-    zero_points = np.zeros_like(scales, np.int8)
+    scales = qparams.weight_scales(array, axis, precision)
+    if precision == "fp8":
+        values = qparams.quantize_weight_fp8(array, scales, axis)
+        zero_points = np.zeros(scales.shape, qparams.FP8)
+    else:
+        values = qparams.quantize_weight(array, scales, axis)
+        zero_points = np.zeros_like(scales, np.int8)
     if unsigned:
         values, zero_points = qparams.as_unsigned(values), np.full_like(scales, 128, np.uint8)
     base = weight.name or "weight"

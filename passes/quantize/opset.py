@@ -1,20 +1,28 @@
-"""Raising the default-domain opset to 13, which per-channel DequantizeLinear needs, when
-every op keeps its meaning there.
+"""Raising the default-domain opset to what the quantize pass needs (13 for per-channel
+int8 DequantizeLinear, 19 for float8 Q/DQ), when every op keeps its meaning there.
 
-An op is carried from opset `v` to 13 as it is when, between its schema at `v` and at 13, no
-attribute the node uses went away, every input keeps its name and position, and new inputs
-are optional. A few ops whose attribute became an input at 13 are rewritten (exactly as
-`onnx.version_converter` does, without a trip through protobuf):
+An op is carried from opset `v` to the target as it is when, between its schema at `v` and
+at the target, no attribute the node uses went away, every input keeps its position (and its
+name, but for renames that keep the meaning: BatchNormalization's mean/var became
+input_mean/input_var at 15), new inputs are optional, and the outputs the node uses keep
+theirs. A few ops are rewritten (as `onnx.version_converter` does, without a trip through
+protobuf):
 
-- Squeeze, Unsqueeze, ReduceSum: the `axes` attribute becomes a constant input;
-- Split: the `split` attribute becomes a constant input;
+- Squeeze, Unsqueeze, ReduceSum (13) and ReduceMean, ReduceMax, ReduceMin, ReduceProd,
+  ReduceL1, ReduceL2, ReduceLogSum, ReduceLogSumExp, ReduceSumSquare (18): the `axes`
+  attribute becomes a constant input;
+- Split: the `split` attribute becomes a constant input (13); from 18 an even Split with
+  neither gets `num_outputs` (opset 18 requires one of the two);
 - Softmax, LogSoftmax, Hardmax: before 13 they normalize over every axis from `axis` on
   (the input taken as 2-D); at 13 over `axis` alone. Over the last axis both agree and the
   node stays; otherwise (or when the rank is unknown) it becomes Flatten(axis) -> op(axis=-1)
-  -> Reshape(Shape(x)), which computes the old meaning at opset 13.
+  -> Reshape(Shape(x)), which computes the old meaning at opset 13;
+- RoiAlign: opset 16 added `coordinate_transformation_mode` with default half_pixel; the
+  earlier behaviour is written out as output_half_pixel.
 
-Anything else (Clip-6 with `min`/`max`, Pad-2, Upsample, Slice-1, TopK-1, ...) makes the raise
-unsafe, and the pass says which nodes stand in the way.
+Anything else (Clip-6 with `min`/`max`, Pad-2, Upsample, Slice-1, TopK-1, Resize-11 with
+coordinate_transformation_mode tf_half_pixel_for_nn, which opset 13 dropped, ...) makes the
+raise unsafe, and the pass says which nodes stand in the way.
 """
 
 from __future__ import annotations
@@ -34,7 +42,23 @@ _ATTRIBUTE_TO_INPUT = {
     "Unsqueeze": "axes",
     "ReduceSum": "axes",
     "Split": "split",
+    **{
+        f"Reduce{name}": "axes"
+        for name in (
+            "Mean",
+            "Max",
+            "Min",
+            "Prod",
+            "L1",
+            "L2",
+            "LogSum",
+            "LogSumExp",
+            "SumSquare",
+        )
+    },
 }
+# Inputs renamed between versions with the same meaning: op -> {old name: new name}.
+_RENAMED_INPUTS = {"BatchNormalization": {"mean": "input_mean", "var": "input_var"}}
 
 
 def default_opset(model: ir.Model) -> int:
@@ -98,7 +122,17 @@ def _blocker(node: ir.Node, old: int, new: int) -> str | None:
     removed = [name for name in node.attributes if name not in after.attributes]
     if removed:
         return f"uses attribute(s) {', '.join(removed)}, gone by opset {new}"
-    old_inputs = [p.name for p in before.inputs]
+    mode = node.attributes.get("coordinate_transformation_mode")
+    if (
+        node.op_type == "Resize"
+        and before.since_version < 13
+        and mode is not None
+        and mode.type == ir.AttributeType.STRING
+        and mode.as_string() == "tf_half_pixel_for_nn"
+    ):
+        return f"coordinate_transformation_mode tf_half_pixel_for_nn is gone by opset {new}"
+    renamed = _RENAMED_INPUTS.get(node.op_type, {})
+    old_inputs = [renamed.get(p.name, p.name) for p in before.inputs]
     new_inputs = [p.name for p in after.inputs]
     if new_inputs[: len(old_inputs)] != old_inputs:
         return f"its inputs changed by opset {new} ({old_inputs} -> {new_inputs})"
@@ -106,9 +140,16 @@ def _blocker(node: ir.Node, old: int, new: int) -> str | None:
     for param in after.inputs[len(old_inputs) :]:
         if param.option != optional:
             return f"opset {new} adds the required input '{param.name}'"
-    if [p.name for p in after.outputs][: len(before.outputs)] != [p.name for p in before.outputs]:
+    used = _used_outputs(node)
+    if [p.name for p in after.outputs][:used] != [p.name for p in before.outputs][:used]:
         return f"its outputs changed by opset {new}"
     return None
+
+
+def _used_outputs(node: ir.Node) -> int:
+    """How many leading outputs the node has (the last one not left empty, counted)."""
+    named = [i for i, value in enumerate(node.outputs) if value.name]
+    return named[-1] + 1 if named else len(node.outputs)
 
 
 Rewrite = Callable[[ir.Node, NameSource], None]
@@ -120,7 +161,16 @@ def _rewrite_for(node: ir.Node, old: int, new: int) -> Rewrite | None:
     if schemas is None or schemas[0].since_version == schemas[1].since_version:
         return None
     op = node.op_type
-    if op in _SOFTMAX_LIKE and schemas[0].since_version < 13 <= schemas[1].since_version:
+    since_before, since_after = schemas[0].since_version, schemas[1].since_version
+    if op == "RoiAlign" and since_before < 16 <= since_after:
+        if "coordinate_transformation_mode" in node.attributes:
+            return None
+        return _roialign_output_half_pixel
+    if op == "Split" and "split" not in node.attributes and since_before < 18 <= since_after:
+        if len(node.inputs) > 1 and node.inputs[1] is not None:
+            return None  # the split sizes are an input already
+        return _split_num_outputs
+    if op in _SOFTMAX_LIKE and since_before < 13 <= since_after:
         if _last_axis(node):
             return None  # same meaning: only the version changes
         if set(node.attributes) <= {"axis"}:
@@ -148,6 +198,18 @@ def _attribute_to_input(node: ir.Node, names: NameSource) -> None:
     node.resize_inputs(2)
     node.replace_input_with(1, value)
     del node.attributes[attribute]
+
+
+def _roialign_output_half_pixel(node: ir.Node, names: NameSource) -> None:
+    """RoiAlign before 16 computed what opset 16 calls output_half_pixel."""
+    node.attributes["coordinate_transformation_mode"] = ir.AttrString(
+        "coordinate_transformation_mode", "output_half_pixel"
+    )
+
+
+def _split_num_outputs(node: ir.Node, names: NameSource) -> None:
+    """An even Split: opset 18 wants the number of outputs said."""
+    node.attributes["num_outputs"] = ir.AttrInt64("num_outputs", len(node.outputs))
 
 
 def _flatten_softmax(node: ir.Node, names: NameSource) -> None:

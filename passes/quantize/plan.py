@@ -1,6 +1,6 @@
 """A placement plan: which tensors get a QuantizeLinear -> DequantizeLinear pair, which of
 their readers switch to the dequantized value, which tensors share one scale, and which
-compute ops get int8 weights. Profiles (`tensorrt`, `ortcpu`) make plans; `insert` applies
+compute ops get int8 (or fp8) weights. Profiles (`tensorrt`, `ortcpu`) make plans; `insert` applies
 them; nothing here touches the graph."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
+from graphopt.passes.quantize.qparams import Precision
 from graphopt.passes.quantize.sites import Site
 
 #: Readers of a quantized tensor: a set of (node, input index), or ALL of them.
@@ -26,6 +27,8 @@ class Plan:
         readers: tensor name -> the readers switched to its dequantized value (ALL: every
             reader, as ONNX Runtime's fusions need).
         symmetric: int8 with zero point 0 (TensorRT); otherwise uint8 with a zero point.
+        precision: "int8", or "fp8" (float8 e4m3fn, symmetric, zero point 0, scale
+            amax / 448) for activations and weights alike.
         quantize_bias: store Conv/Gemm biases as int32 (ONNX Runtime's QLinearConv, QGemm).
         unsigned_weights: store int8 weights as uint8 with zero point 128 (the same values;
             ONNX Runtime then runs U8U8 kernels).
@@ -39,6 +42,7 @@ class Plan:
     sites: list[Site] = field(default_factory=list)
     readers: dict[str, Readers] = field(default_factory=dict)
     symmetric: bool = True
+    precision: Precision = "int8"
     quantize_bias: bool = False
     unsigned_weights: bool = False
     float_readers: set[ir.Node] = field(default_factory=set)

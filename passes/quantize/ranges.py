@@ -29,8 +29,10 @@ def collect(
     symmetric: bool,
     percentile: float,
     samples: int,
+    precision: str = "int8",
 ) -> tuple[dict[str, TensorRange], dict[str, str]]:
-    """Per-tensor ranges over the first `samples` calibration samples.
+    """Per-tensor ranges over the first `samples` calibration samples (entropy and mse
+    thresholds searched for `precision`'s number grid, int8 or fp8).
 
     Returns:
         (ranges by tensor name, reason by tensor name for those left out).
@@ -55,6 +57,7 @@ def collect(
                 threads=ctx.threads,
                 workdir=ctx.workdir,
                 nonfinite="skip",
+                precision=precision,  # type: ignore[arg-type]
             )
         except CalibrationError as exc:
             named = [name for name in exc.tensors if name in wanted]

@@ -3,6 +3,8 @@
 - Each selected Conv/ConvTranspose/Gemm/MatMul reads its activation input through a
   QuantizeLinear -> DequantizeLinear pair (per-tensor, symmetric int8, zero point 0) and its
   weight as int8 behind a per-output-channel DequantizeLinear (`insert` does the weights).
+  With precision fp8 (Hopper and later) the same places get float8 e4m3fn Q/DQ instead, zero
+  points 0 of that type, scales amax / 448; the model needs opset 19.
 - Only the readers that need it switch to the dequantized value: nothing else in the graph
   sees quantization noise, and no Q/DQ lands between a Conv and the BatchNormalization or
   ReLU after it, nor on a Conv's output for its own sake.
@@ -25,6 +27,7 @@ from graphopt.passes.quantize.graphutil import (
     node_label,
 )
 from graphopt.passes.quantize.plan import Plan
+from graphopt.passes.quantize.qparams import Precision
 from graphopt.passes.quantize.sites import Excluder, Exclusion, Selection
 
 
@@ -33,9 +36,11 @@ def plan_tensorrt(
     selection: Selection,
     excluder: Excluder,
     forbidden: frozenset[str] = frozenset(),
+    *,
+    precision: Precision = "int8",
 ) -> Plan:
     """Q/DQ placement for TensorRT; user exclusions of residual Adds go to `selection`."""
-    plan = Plan(symmetric=True, quantize_bias=False, forbidden=forbidden)
+    plan = Plan(symmetric=True, precision=precision, quantize_bias=False, forbidden=forbidden)
     for site in selection.sites:
         plan.sites.append(site)
         for index in site.activations:

@@ -3,10 +3,14 @@ an engine build does.
 
 Every QuantizeLinear and DequantizeLinear of the model (subgraphs included) is checked:
 
-- the default-domain opset is at least 13 (per-channel DequantizeLinear needs it);
-- the quantized type is signed: int8 (or float8 e4m3fn / int4, for later precisions); a
+- the default-domain opset is at least 13 (per-channel DequantizeLinear needs it), and at
+  least 19 where the quantized type is float8 (Q/DQ take float8 from opset 19);
+- the quantized type is signed: int8, float8 e4m3fn (fp8, Hopper and later) or int4; a
   QuantizeLinear without a zero point produces uint8, which TensorRT cannot take;
-- every zero point is a constant 0;
+- every zero point is a constant 0 (for fp8 +0: the bit pattern of -0 is refused too);
+- a DequantizeLinear reading a QuantizeLinear takes the same quantized type, and a compute
+  op does not read int8 and fp8 inputs at once (TensorRT runs a quantized layer in one
+  type; a conservative reading of its docs, which show no layer mixing the two);
 - every scale is a constant, positive and finite;
 - per-channel scales appear only on the weight input of Conv (axis 0), ConvTranspose (axis 1),
   Gemm (axis 0 with transB=1, else 1) or MatMul (the last axis of B): activations are
@@ -30,6 +34,9 @@ from graphopt.passes.quantize.graphutil import (
 )
 
 MIN_OPSET = 13
+#: QuantizeLinear/DequantizeLinear take float8 types from opset 19.
+FP8_MIN_OPSET = 19
+_FP8_TYPES = frozenset({ir.DataType.FLOAT8E4M3FN})
 _ALLOWED_TYPES = frozenset({ir.DataType.INT8, ir.DataType.FLOAT8E4M3FN, ir.DataType.INT4})
 
 
@@ -55,10 +62,17 @@ def check_tensorrt(model: ir.Model) -> list[Violation]:
         problems = []
         if opset < MIN_OPSET:
             problems.append(f"the model's opset is {opset}; TensorRT needs Q/DQ at opset 13+")
+        elif opset < FP8_MIN_OPSET and _quantized_type(node) in _FP8_TYPES:
+            problems.append(f"the model's opset is {opset}; float8 Q/DQ need opset 19+")
         problems += _type_problems(node)
+        problems += _pair_problems(node)
         problems += _zero_point_problems(node)
         problems += _scale_problems(node)
         violations.extend(Violation(label, problem) for problem in problems)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        mixed = _mixed_inputs(node)
+        if mixed:
+            violations.append(Violation(node_label(node), mixed))
     return violations
 
 
@@ -93,10 +107,44 @@ def _zero_point_problems(node: ir.Node) -> list[str]:
     if tensor is None:
         return ["its zero point is computed at run time; TensorRT needs a constant 0"]
     values = np.asarray(tensor.numpy()).astype(np.float64)
-    nonzero = values[values != 0]
+    nonzero = values[(values != 0) | np.isnan(values)]
     if nonzero.size:
         return [f"zero point {nonzero.flat[0]:g} != 0; TensorRT needs symmetric quantization"]
+    if np.any(np.signbit(values)):
+        return ["zero point -0 (a float8 -0 is not the bit pattern 0 TensorRT expects)"]
     return []
+
+
+def _pair_problems(node: ir.Node) -> list[str]:
+    """A DequantizeLinear that reads a QuantizeLinear's output in another type."""
+    if node.op_type != DEQUANTIZE or not node.inputs or node.inputs[0] is None:
+        return []
+    producer = node.inputs[0].producer()
+    if producer is None or not is_onnx_op(producer, QUANTIZE):
+        return []
+    mine, theirs = _quantized_type(node), _quantized_type(producer)
+    if mine is None or theirs is None or mine == theirs:
+        return []
+    return [f"it dequantizes {mine.name} but '{node_label(producer)}' quantizes to {theirs.name}"]
+
+
+def _mixed_inputs(node: ir.Node) -> str | None:
+    """Why a node reading DequantizeLinear outputs of both int8 and float8 is refused (int4
+    weights with fp8 activations, W4A8, are left alone)."""
+    if is_onnx_op(node, QUANTIZE, DEQUANTIZE):
+        return None
+    kinds = {}
+    for value in node.inputs:
+        producer = None if value is None else value.producer()
+        if producer is None or not is_onnx_op(producer, DEQUANTIZE):
+            continue
+        qtype = _quantized_type(producer)
+        if qtype == ir.DataType.INT8 or qtype in _FP8_TYPES:
+            kinds["fp8" if qtype in _FP8_TYPES else "int8"] = qtype
+    if len(kinds) < 2:
+        return None
+    names = " and ".join(sorted(qtype.name for qtype in kinds.values()))
+    return f"it reads {names} inputs; TensorRT runs a quantized layer in one type"
 
 
 def _scale_problems(node: ir.Node) -> list[str]:
