@@ -42,7 +42,7 @@ from graphopt.context import Context
 from graphopt.errors import GraphoptError, PassFailed
 from graphopt.model import Model
 from graphopt.passes.base import Pass, PassResult, option, register_pass
-from graphopt.passes.quantize import insert, opset, ranges
+from graphopt.passes.quantize import budget, insert, opset, ranges
 from graphopt.passes.quantize.graphutil import node_label
 from graphopt.passes.quantize.ortcpu import kernels_for_this_cpu, plan_ortcpu
 from graphopt.passes.quantize.plan import Plan
@@ -50,6 +50,7 @@ from graphopt.passes.quantize.sites import (
     Excluder,
     Exclusion,
     Selection,
+    Site,
     exclusion_counts,
     parse_exclude,
     select,
@@ -111,6 +112,30 @@ class QuantizeOptions:
         "128) and cannot; auto: u8s8 where the CPU running graphopt has VNNI or is not x86",
     )
 
+    max_accuracy_drop: float | None = option(
+        None,
+        "accuracy budget: revert the ops that hurt most to float until the metric drops by "
+        "at most this (a fraction: 0.01 = one point); needs labelled data",
+        range=(0.0, 1.0),
+    )
+    min_cosine: float | None = option(
+        None,
+        "accuracy budget: revert ops to float until every output's cosine with the float "
+        "model is at least this",
+        range=(-1.0, 1.0),
+    )
+    min_sqnr: float | None = option(
+        None,
+        "accuracy budget: revert ops to float until every output's SQNR against the float "
+        "model is at least this many dB",
+    )
+    budget_samples: int = option(
+        128, "samples the accuracy budget is judged on (the first N)", range=(1, None)
+    )
+    budget_evals: int = option(
+        10, "most candidate models the accuracy budget's bisection evaluates", range=(1, None)
+    )
+
     def __post_init__(self) -> None:
         for entry in self.exclude:
             parse_exclude(entry)
@@ -120,6 +145,16 @@ class QuantizeOptions:
                 "fp8 kernels (it would run every float8 Q/DQ unfused, slower than float); "
                 "use precision=int8 for target=ort-cpu"
             )
+
+    @property
+    def budget(self) -> budget.Budget:
+        return budget.Budget(
+            max_accuracy_drop=self.max_accuracy_drop,
+            min_cosine=self.min_cosine,
+            min_sqnr_db=self.min_sqnr,
+            samples=self.budget_samples,
+            max_evals=self.budget_evals,
+        )
 
 
 def _infer_types_and_shapes(m: ir.Model) -> Callable[[], None]:
@@ -182,39 +217,58 @@ class QuantizePass(Pass[QuantizeOptions]):
                 "input name, a folder of arrays or images); --data random runs but gives "
                 "meaningless scales.",
             )
-        m = model.ir
-        forget_inferred = _infer_types_and_shapes(m)
+        forget_inferred = _infer_types_and_shapes(model.ir)
         excluder = Excluder(opts.exclude)
-        selection = select(
-            m.graph,
-            target=opts.target,
-            excluder=excluder,
-            min_channels=opts.min_channels,
-            quantize_attention=opts.quantize_attention,
-        )
-        plan = self._plan(m.graph, selection, excluder, frozenset())
+        selection = self._select(model.graph, excluder)
+        plan = self._plan(model.graph, selection, excluder, frozenset())
         warnings = [f"exclude entry '{entry}' matched no node" for entry in excluder.unused()]
         if opts.target == "tensorrt" and opts.ort_kernels != "auto":
             warnings.append("ort_kernels is ignored with target=tensorrt")
         raise_from: int | None = None
         measured: dict[str, Any] = {}
+        forbidden: dict[str, str] = {}
         if not plan.is_empty():
             try:
                 raise_from = self._opset_to_raise(model)
             except PassFailed:
                 forget_inferred()
                 raise
-            plan = self._calibrate(model, ctx, plan, selection, excluder, measured, warnings)
+            plan = self._calibrate(
+                model, ctx, plan, selection, excluder, measured, forbidden, warnings
+            )
         stats = self._stats(selection, plan)
-        if opts.target == "ort-cpu":
-            stats["ort_kernels"], stats["ort_kernels_reason"] = self._ort_kernels()
         if plan.is_empty():
             forget_inferred()  # leave the model exactly as it came
             return PassResult(modified=False, stats=stats, warnings=warnings)
+        if opts.budget.active:
+            return self._within_budget(model, ctx, measured, forbidden, raise_from, warnings)
+        self._apply(model, plan, measured, raise_from, stats)
+        return PassResult(modified=True, stats=stats, warnings=warnings)
+
+    def _select(self, graph: ir.Graph, excluder: Excluder) -> Selection:
+        opts = self.options
+        return select(
+            graph,
+            target=opts.target,
+            excluder=excluder,
+            min_channels=opts.min_channels,
+            quantize_attention=opts.quantize_attention,
+        )
+
+    def _apply(
+        self,
+        model: Model,
+        plan: Plan,
+        measured: dict[str, Any],
+        raise_from: int | None,
+        stats: dict[str, Any],
+    ) -> None:
+        """Raise the opset if needed, insert the plan's Q/DQ, check TensorRT's rules."""
+        m = model.ir
         if raise_from is not None:
             stats["opset_raised_from"] = raise_from
             stats["opset_rewritten_nodes"] = opset.raise_opset(m, self._min_opset())
-        inserted = insert.apply(m.graph, plan, measured, per_channel=opts.per_channel)
+        inserted = insert.apply(m.graph, plan, measured, per_channel=self.options.per_channel)
         ir_passes.TopologicalSortPass()(m)
         stats.update(
             quantize_linear=inserted.quantize_linear,
@@ -222,9 +276,68 @@ class QuantizePass(Pass[QuantizeOptions]):
             weights_quantized=inserted.weights,
             biases_quantized=inserted.biases,
         )
-        if opts.target == "tensorrt":
+        if self.options.target == "tensorrt":
             self._check_tensorrt(model)
-        return PassResult(modified=True, stats=stats, warnings=warnings)
+
+    def _within_budget(
+        self,
+        model: Model,
+        ctx: Context,
+        measured: dict[str, Any],
+        forbidden: dict[str, str],
+        raise_from: int | None,
+        warnings: list[str],
+    ) -> PassResult:
+        """Quantize copies of the (calibrated) model, reverting the ops that hurt most to
+        float until one meets the budget (`budget` module), and keep that one."""
+        limits = self.options.budget
+        built: dict[frozenset[str], tuple[dict[str, Any], list[budget.SiteTensors]]] = {}
+
+        def build(reverted: frozenset[str]) -> Model:
+            candidate = model.copy()
+            excluder = Excluder(self.options.exclude)
+            selection = self._select(candidate.graph, excluder)
+            _drop_sites(selection, forbidden, reverted)
+            plan = self._plan(candidate.graph, selection, excluder, frozenset(forbidden))
+            plan = self._calibrate(
+                candidate, ctx, plan, selection, excluder, measured, forbidden, warnings
+            )
+            stats = self._stats(selection, plan)
+            sites = [_site_tensors(site) for site in plan.sites]
+            if not plan.is_empty():
+                self._apply(candidate, plan, measured, raise_from, stats)
+            built[reverted] = (stats, sites)
+            return candidate
+
+        evalset = budget.EvalSet(model, budget.eval_data(limits, ctx), limits.samples, ctx)
+        gates = limits.gates()
+
+        def judge(candidate: Model) -> budget.FidelityReport:
+            return evalset.evaluate(candidate, gates, ctx.metric)
+
+        quantized = build(frozenset())
+        first = judge(quantized)
+        stats, sites = built[frozenset()]
+        ranked: list[tuple[budget.SiteTensors, float]] = []
+        if not first.passed:
+            ranked = budget.rank(model, quantized, sites, evalset, ctx)
+        outcome = budget.search(
+            ranked, build, judge, max_evals=limits.max_evals, first=(quantized, first)
+        )
+        outcome.data = evalset.dataset.description
+        if outcome.model is None:
+            warnings.append(
+                f"no quantized model met the accuracy budget ({', '.join(first.failures)}) "
+                f"within {len(outcome.evaluations)} evaluation(s); the model is left in float"
+            )
+            stats = self._stats(Selection([], [], 0), Plan())
+            stats["budget"] = outcome.to_dict() | {"met": False}
+            return PassResult(modified=False, stats=stats, warnings=warnings)
+        reverted = frozenset(site.label for site, _ in outcome.reverted)
+        stats, _ = built[reverted]
+        stats["budget"] = outcome.to_dict() | {"met": True}
+        model.ir = outcome.model.ir
+        return PassResult(modified=True, stats=stats, warnings=list(dict.fromkeys(warnings)))
 
     def _plan(
         self, graph: ir.Graph, selection: Selection, excluder: Excluder, forbidden: frozenset[str]
@@ -250,13 +363,14 @@ class QuantizePass(Pass[QuantizeOptions]):
         selection: Selection,
         excluder: Excluder,
         measured: dict[str, Any],
+        forbidden: dict[str, str],
         warnings: list[str],
     ) -> Plan:
-        """Calibrate the plan's tensors into `measured`. Tensors that cannot be ranged (inf or
-        NaN on the data, ...) stay float, the ops reading them too, and the placement is made
-        again without them (a residual skip or an int8 region may depend on them)."""
+        """Calibrate the plan's tensors that `measured` lacks into it. Tensors that cannot be
+        ranged (inf or NaN on the data, ...) go into `forbidden` and stay float, the ops
+        reading them too, and the placement is made again without them (a residual skip or an
+        int8 region may depend on them)."""
         opts = self.options
-        forbidden: dict[str, str] = {}
         for _ in range(_MAX_PLANS):
             needed = [t for t in plan.range_tensors() if t not in measured and t not in forbidden]
             if not needed:
@@ -280,25 +394,13 @@ class QuantizePass(Pass[QuantizeOptions]):
             forbidden.update(missing)
             for name, reason in sorted(missing.items()):
                 warnings.append(f"tensor '{name}' left in float: {reason}")
-            kept = []
-            for site in selection.sites:
-                inputs = [site.node.inputs[i].name for i in site.activations]  # type: ignore[union-attr]
-                bad = next((name for name in inputs if name in forbidden), None)
-                if bad is None:
-                    kept.append(site)
-                    continue
-                label = node_label(site.node)
-                detail = f"input '{bad}': {forbidden[bad]}"
-                selection.excluded.append(
-                    Exclusion(label, site.node.op_type, "calibration", detail)
-                )
-            selection.sites = kept
+            _drop_sites(selection, forbidden, frozenset())
             plan = self._plan(model.graph, selection, excluder, frozenset(forbidden))
         return plan
 
     def _stats(self, selection: Selection, plan: Plan) -> dict[str, Any]:
         opts = self.options
-        return {
+        stats = {
             "target": opts.target,
             "precision": opts.precision,
             "calibrator": opts.calibrator,
@@ -313,6 +415,9 @@ class QuantizePass(Pass[QuantizeOptions]):
             "excluded_by_reason": exclusion_counts(selection.excluded),
             "excluded": [item.to_dict() for item in selection.excluded],
         }
+        if opts.target == "ort-cpu":
+            stats["ort_kernels"], stats["ort_kernels_reason"] = self._ort_kernels()
+        return stats
 
     def _min_opset(self) -> int:
         """13 for per-channel int8 DequantizeLinear, 19 for float8 Q/DQ."""
@@ -354,3 +459,33 @@ class QuantizePass(Pass[QuantizeOptions]):
             "(or fp8) with zero points 0 and per-channel scales only on weights; fix or "
             "remove them, or use target=ort-cpu.",
         )
+
+
+def _drop_sites(selection: Selection, forbidden: dict[str, str], reverted: frozenset[str]) -> None:
+    """Move to the exclusions the sites reading a tensor calibration could not range
+    (reason ``calibration``) and those the accuracy budget sent back (reason ``budget``)."""
+    kept = []
+    for site in selection.sites:
+        label = node_label(site.node)
+        inputs = [site.node.inputs[i].name for i in site.activations]  # type: ignore[union-attr]
+        bad = next((name for name in inputs if name in forbidden), None)
+        if bad is not None:
+            detail = f"input '{bad}': {forbidden[bad]}"
+            selection.excluded.append(Exclusion(label, site.node.op_type, "calibration", detail))
+        elif label in reverted:
+            detail = "reverted to float to meet the accuracy budget"
+            selection.excluded.append(Exclusion(label, site.node.op_type, "budget", detail))
+        else:
+            kept.append(site)
+    selection.sites = kept
+
+
+def _site_tensors(site: Site) -> budget.SiteTensors:
+    """The site's label and the float tensors around it (before Q/DQ go in)."""
+    inputs = tuple(site.node.inputs[i].name or "" for i in site.activations)  # type: ignore[union-attr]
+    return budget.SiteTensors(
+        label=node_label(site.node),
+        op=site.node.op_type,
+        inputs=inputs,
+        output=site.node.outputs[0].name or "",
+    )
