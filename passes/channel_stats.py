@@ -7,8 +7,10 @@ uniform random subsample of at most `rows` rows (a row is one position's vector 
 one token of a [N, S, C] tensor, one pixel of a [N, C, H, W] one). The subsample is a
 reservoir: every row gets a random key from a generator seeded with the context's seed, and
 the rows with the largest keys are kept, so it is uniform over all rows, bounded in memory and
-the same on every run. Memory is one batch of the captured tensors plus the statistics; the
-activations are never all held at once.
+the same on every run. On request it also averages each tensor over its samples (the mean
+image of a [N, C, H, W] tensor), which convolutions need to see the borders right. Memory is
+one batch of the captured tensors plus the statistics; the activations are never all held at
+once.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class ChannelStats:
         count: how many rows (positions) the statistics cover.
         finite: False when the tensor held inf or NaN (the other fields then mean little).
         rows: float32 (R, C), a uniform random subsample of the rows (None when not asked for).
+        sample_mean: float64, the mean sample (the tensor averaged over its leading, sample
+            axis, e.g. [C, H, W]) when asked for and every batch had the same shape, else None.
     """
 
     absmax: np.ndarray
@@ -45,6 +49,7 @@ class ChannelStats:
     count: int
     finite: bool
     rows: np.ndarray | None
+    sample_mean: np.ndarray | None = None
 
     @property
     def channels(self) -> int:
@@ -69,6 +74,7 @@ def collect(
     *,
     samples: int,
     rows: int = 0,
+    sample_means: bool = False,
 ) -> dict[Request, ChannelStats]:
     """Stream the first `samples` calibration samples and return each request's statistics.
 
@@ -78,6 +84,7 @@ def collect(
         requests: (tensor name, channel axis) pairs; a tensor may be asked for on two axes.
         samples: calibration samples used, rounded to a batch size the model fixes.
         rows: keep a random subsample of at most this many rows per request (0: none).
+        sample_means: also average each tensor over its sample axis (memory: one sample).
     """
     assert ctx.calib_data is not None
     wanted = list(dict.fromkeys(requests))
@@ -85,7 +92,9 @@ def collect(
         return {}
     data = head(ctx.calib_data, usable_samples(model, samples), model.input_specs())
     collectors = {
-        request: _Collector(request[1], rows, np.random.default_rng([ctx.seed, i]))
+        request: _Collector(
+            request[1], rows, np.random.default_rng([ctx.seed, i]), sample_means=sample_means
+        )
         for i, request in enumerate(wanted)
     }
 
@@ -109,8 +118,14 @@ def collect(
 class _Collector:
     """Running abs-max, sum and reservoir of one (tensor, axis)."""
 
-    def __init__(self, axis: int, keep: int, rng: np.random.Generator) -> None:
+    def __init__(
+        self, axis: int, keep: int, rng: np.random.Generator, *, sample_means: bool
+    ) -> None:
         self.axis = axis
+        self.sample_means = sample_means
+        self.sample_sum: np.ndarray | None = None
+        self.samples = 0
+        self.same_shape = True
         self.keep = keep
         self.rng = rng
         self.absmax: np.ndarray | None = None
@@ -135,8 +150,20 @@ class _Collector:
                 self.absmax = np.maximum(self.absmax, absmax)
             self.total = self.total + total
         self.count += len(rows)
+        if self.sample_means and x.ndim:
+            self._sum_samples(x)
         if self.keep:
             self._sample(rows)
+
+    def _sum_samples(self, x: np.ndarray) -> None:
+        total = x.sum(axis=0, dtype=np.float64)
+        if self.sample_sum is None:
+            self.sample_sum = total
+        elif self.sample_sum.shape == total.shape:
+            self.sample_sum = self.sample_sum + total
+        else:
+            self.same_shape = False
+        self.samples += x.shape[0]
 
     def _sample(self, rows: np.ndarray) -> None:
         keys = self.rng.random(len(rows))
@@ -162,4 +189,9 @@ class _Collector:
             count=self.count,
             finite=self.finite,
             rows=self.rows,
+            sample_mean=(
+                self.sample_sum / max(self.samples, 1)
+                if self.sample_sum is not None and self.same_shape
+                else None
+            ),
         )
