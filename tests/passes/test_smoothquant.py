@@ -144,8 +144,15 @@ def smooth(proto: onnx.ModelProto, tmp_path: Path, **options: object) -> tuple[M
 
 
 def run_ort(model: Model | onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """Without graph optimizations: on x86 CPUs without VNNI, ORT's fused int8 MatMul can
+    saturate its int16 partial sums, an error of ORT's CPU kernels, not of the Q/DQ model
+    (which TensorRT computes as written)."""
     proto = model.to_proto() if isinstance(model, Model) else model
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(
+        proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
     return session.run(None, feeds)[0]
 
 
@@ -396,11 +403,12 @@ def _int8_error(
 
 @pytest.mark.parametrize(("alpha", "calibrator"), [(0.5, "mse"), ("auto", "minmax")])
 def test_smoothquant_cuts_int8_error_on_outlier_channels(tmp_path, alpha, calibrator):
-    """Measured: relative RMS error 0.34 -> 0.045 (mse, alpha 0.5), 0.43 -> 0.042 (minmax)."""
+    """Measured: relative RMS error 0.34 -> 0.017 (mse, alpha 0.5), 0.43 -> 0.018 (minmax,
+    auto)."""
     proto = outlier_block()
     plain = _int8_error(proto, tmp_path, False, alpha, calibrator)
     smoothed_error = _int8_error(proto, tmp_path, True, alpha, calibrator)
-    assert smoothed_error < plain / 4, (plain, smoothed_error)
+    assert smoothed_error < plain / 8, (plain, smoothed_error)
 
 
 def test_cli_smoothquant_then_quantize(tmp_path):
