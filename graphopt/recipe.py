@@ -59,6 +59,18 @@ BUILTIN_RECIPES: dict[str, dict[str, Any]] = {
         "passes": ["cleanup", {"quantize": {"precision": "fp8", "target": "tensorrt"}}],
         "validation": {"min_cosine": 0.99},
     },
+    "int4-weights": {
+        "description": "weight-only int4 for MatMul/Gemm (blockwise, 128 rows per scale, "
+        "opset 21; round to nearest, no data needed), after cleanup",
+        "passes": ["cleanup", {"quantize": {"precision": "int4", "weight_method": "rtn"}}],
+        "validation": {"min_cosine": 0.98},
+    },
+    "int4-awq": {
+        "description": "weight-only int4 for MatMul/Gemm with AWQ scales searched on --data, "
+        "after cleanup",
+        "passes": ["cleanup", {"quantize": {"precision": "int4", "weight_method": "awq"}}],
+        "validation": {"min_cosine": 0.98},
+    },
 }
 
 _TOP_LEVEL_KEYS = {"description", "passes", "validation"}

@@ -42,7 +42,7 @@ from graphopt.context import Context
 from graphopt.errors import GraphoptError, PassFailed
 from graphopt.model import Model
 from graphopt.passes.base import Pass, PassResult, option, register_pass
-from graphopt.passes.quantize import budget, insert, opset, ranges
+from graphopt.passes.quantize import blockwise, budget, insert, opset, ranges, weightonly
 from graphopt.passes.quantize.graphutil import node_label
 from graphopt.passes.quantize.ortcpu import kernels_for_this_cpu, plan_ortcpu
 from graphopt.passes.quantize.plan import Plan
@@ -72,10 +72,11 @@ _MAX_PLANS = 4
 class QuantizeOptions:
     """How to quantize, for which runtime, and what to leave in float."""
 
-    precision: Literal["int8", "fp8"] = option(
+    precision: Literal["int8", "fp8", "int4"] = option(
         "int8",
-        "number format of weights and activations: int8, or fp8 (float8 e4m3fn, scale "
-        "amax/448; target=tensorrt only, Hopper and later; needs opset 19)",
+        "number format: int8 (weights and activations), fp8 (float8 e4m3fn, scale amax/448; "
+        "target=tensorrt only, Hopper and later; opset 19), or int4 (weight-only, blockwise, "
+        "MatMul/Gemm; opset 21)",
     )
     calibrator: Literal["minmax", "percentile", "entropy", "mse"] = option(
         DEFAULT_CALIBRATOR,
@@ -112,6 +113,14 @@ class QuantizeOptions:
         "128) and cannot; auto: u8s8 where the CPU running graphopt has VNNI or is not x86",
     )
 
+    block_size: int = option(
+        128, "precision=int4: weight rows (of the reduction axis) per scale, a power of two >= 16"
+    )
+    weight_method: Literal["rtn", "awq"] = option(
+        "rtn",
+        "precision=int4: rtn (round to nearest) or awq (activation-aware scales searched on "
+        "the calibration data and folded into the op before; needs --data)",
+    )
     max_accuracy_drop: float | None = option(
         None,
         "accuracy budget: revert the ops that hurt most to float until the metric drops by "
@@ -139,6 +148,13 @@ class QuantizeOptions:
     def __post_init__(self) -> None:
         for entry in self.exclude:
             parse_exclude(entry)
+        if self.precision == "int4":
+            blockwise.check_block_size(self.block_size)
+            if self.budget.active:
+                raise ValueError(
+                    "the accuracy budget (max_accuracy_drop, min_cosine, min_sqnr) works with "
+                    "precision=int8 and fp8, not yet with int4 weight-only quantization"
+                )
         if self.precision == "fp8" and self.target == "ort-cpu":
             raise ValueError(
                 "precision=fp8 needs target=tensorrt: ONNX Runtime's CPU provider has no "
@@ -209,6 +225,8 @@ class QuantizePass(Pass[QuantizeOptions]):
 
     def run(self, model: Model, ctx: Context) -> PassResult:
         opts = self.options
+        if opts.precision == "int4":
+            return self._weight_only(model, ctx)
         if ctx.calib_data is None:
             raise GraphoptError(
                 "The quantize pass needs calibration data to choose activation scales, and "
@@ -244,6 +262,34 @@ class QuantizePass(Pass[QuantizeOptions]):
             return self._within_budget(model, ctx, measured, forbidden, raise_from, warnings)
         self._apply(model, plan, measured, raise_from, stats)
         return PassResult(modified=True, stats=stats, warnings=warnings)
+
+    def _weight_only(self, model: Model, ctx: Context) -> PassResult:
+        """precision=int4: blockwise int4 weights for MatMul/Gemm (`weightonly`)."""
+        opts = self.options
+        forget_inferred = _infer_types_and_shapes(model.ir)
+        excluder = Excluder(opts.exclude)
+        try:
+            result = weightonly.quantize_weights_int4(
+                model,
+                ctx,
+                method=opts.weight_method,
+                block_size=opts.block_size,
+                excluder=excluder,
+                min_channels=opts.min_channels,
+                samples=opts.samples,
+            )
+        except Exception:
+            forget_inferred()
+            raise
+        if not result.modified:
+            forget_inferred()
+        warnings = [f"exclude entry '{entry}' matched no node" for entry in excluder.unused()]
+        if opts.calibrator != DEFAULT_CALIBRATOR:
+            warnings.append("calibrator is ignored with precision=int4 (weights only)")
+        stats = {"target": opts.target, **result.stats}
+        return PassResult(
+            modified=result.modified, stats=stats, warnings=[*warnings, *result.warnings]
+        )
 
     def _select(self, graph: ir.Graph, excluder: Excluder) -> Selection:
         opts = self.options
