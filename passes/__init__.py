@@ -8,6 +8,7 @@ BUILTIN_PASS_MODULES: tuple[str, ...] = (
     "bias_correction",
     "cleanup",
     "graphsurgeon",
+    "prune",
     "quantize",
     "smoothquant",
 )
