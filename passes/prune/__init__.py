@@ -18,6 +18,7 @@ counted independently of `select`).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -137,10 +138,11 @@ class PrunePass(Pass[PruneOptions]):
         checks: list[NMCheck] = []
         nm_checks: list[NMCheck] = []
         for target, keep in zip(targets, keeps, strict=True):
-            newly = weights.write(target, keep)
             changed |= masks.store(model.metadata, target.name, keep)
+            newly, zeros = weights.write(target, keep)
+            del keep
             changed |= newly > 0
-            layer, check_24, check_nm_ = self._layer_stats(target, newly)
+            layer, check_24, check_nm_ = self._layer_stats(target, newly, zeros)
             layers.append(layer)
             if check_24.applicable:
                 checks.append(check_24)
@@ -151,16 +153,16 @@ class PrunePass(Pass[PruneOptions]):
 
     def _select(
         self, model: Model, targets: list[Target], scales: dict[str, np.ndarray]
-    ) -> list[np.ndarray]:
-        """One keep-mask per target (a generator would hold less, but global needs all)."""
+    ) -> Iterator[np.ndarray]:
+        """One keep-mask per target, made when asked for (scope=global makes all at once)."""
         opts = self.options
         n, m = opts.group
 
         def scores(target: Target) -> tuple[np.ndarray, np.ndarray | None]:
+            # NaN weights compare as neither larger nor smaller; nothing here depends on them.
             values = np.abs(weights.float_values(target))
             if target.name in scales:
-                values = values * scales[target.name]
-            values = np.nan_to_num(values.astype(np.float32, copy=False), nan=np.inf)
+                values *= scales[target.name]
             old = masks.existing_keep(model.metadata, target.name, target.shape)
             if old is not None:
                 values[~old] = -1.0
@@ -169,24 +171,29 @@ class PrunePass(Pass[PruneOptions]):
         if opts.scope == "global":
             pairs = [scores(t) for t in targets]
             keeps = select.global_keep([s for s, _ in pairs], opts.target_sparsity)
-            return [k if old is None else k & old for k, (_, old) in zip(keeps, pairs, strict=True)]
-        out = []
+            for keep, (_, old) in zip(keeps, pairs, strict=True):
+                yield keep if old is None else keep & old
+            return
         for target in targets:
-            values, old = scores(target)
-            if opts.pattern != "unstructured":
-                keep = select.nm_keep(values, target.axis, n, m)
-            elif opts.criterion == "wanda":
-                keep = select.rows_keep(values, target.out_axes, opts.target_sparsity)
+            if opts.pattern != "unstructured" and target.name not in scales:
+                # Magnitude N:M ranks |W| chunk by chunk: no full-size score array.
+                old = masks.existing_keep(model.metadata, target.name, target.shape)
+                values = weights.float_values(target)
+                keep = select.nm_keep(values, target.axis, n, m, absolute=True, forced=old)
             else:
-                keep = select.fraction_keep(values, opts.target_sparsity)
+                values, old = scores(target)
+                if opts.pattern != "unstructured":
+                    keep = select.nm_keep(values, target.axis, n, m)
+                elif opts.criterion == "wanda":
+                    keep = select.rows_keep(values, target.out_axes, opts.target_sparsity)
+                else:
+                    keep = select.fraction_keep(values, opts.target_sparsity)
             del values
-            out.append(keep if old is None else keep & old)
-        return out
+            yield keep if old is None else keep & old
 
     def _layer_stats(
-        self, target: Target, newly: int
+        self, target: Target, newly: int, zeros: int
     ) -> tuple[dict[str, Any], NMCheck, NMCheck | None]:
-        zeros = weights.zero_count(target)
         values = weights.float_values(target)
         check_24 = check_nm(values, target.axis, n=2, m=4)
         check_nm_ = None

@@ -15,11 +15,20 @@ from collections.abc import Sequence
 
 import numpy as np
 
-# Groups ranked per chunk (the rank array is one byte per weight of the chunk).
-_CHUNK_WEIGHTS = 1 << 24
+# Weights ranked per chunk: small enough that the temporaries stay in cache and are reused
+# (measured fastest on an 8192x8192 weight among 2^18..2^24).
+_CHUNK_WEIGHTS = 1 << 18
 
 
-def nm_keep(scores: np.ndarray, axis: int, n: int, m: int) -> np.ndarray:
+def nm_keep(
+    scores: np.ndarray,
+    axis: int,
+    n: int,
+    m: int,
+    *,
+    absolute: bool = False,
+    forced: np.ndarray | None = None,
+) -> np.ndarray:
     """Boolean keep-mask with exactly `n` kept in every group of `m` along `axis`.
 
     Args:
@@ -28,6 +37,9 @@ def nm_keep(scores: np.ndarray, axis: int, n: int, m: int) -> np.ndarray:
         axis: the reduction axis.
         n: weights kept per group.
         m: group size.
+        absolute: rank by |scores| (magnitude pruning straight from the weight, computed
+            chunk by chunk instead of as a second full-size array).
+        forced: a keep-mask whose False entries must be pruned (scored -1).
     """
     axis = axis % scores.ndim
     length = scores.shape[axis]
@@ -36,10 +48,14 @@ def nm_keep(scores: np.ndarray, axis: int, n: int, m: int) -> np.ndarray:
     outer = int(np.prod(scores.shape[:axis], dtype=np.int64)) * (length // m)
     inner = int(np.prod(scores.shape[axis + 1 :], dtype=np.int64))
     view = scores.reshape(outer, m, inner)
+    held = None if forced is None else forced.reshape(outer, m, inner)
     keep = np.empty((outer, m, inner), dtype=bool)
     step = max(1, _CHUNK_WEIGHTS // max(m * inner, 1))
     for start in range(0, outer, step):
-        chunk = view[start : start + step]
+        part = slice(start, start + step)
+        chunk = np.abs(view[part]) if absolute else view[part]
+        if held is not None:
+            chunk = np.where(held[part], chunk, chunk.dtype.type(-1))
         rank = np.zeros(chunk.shape, dtype=np.uint8)
         for i in range(m):
             for j in range(i + 1, m):
@@ -47,7 +63,7 @@ def nm_keep(scores: np.ndarray, axis: int, n: int, m: int) -> np.ndarray:
                 above = chunk[:, i] > chunk[:, j]
                 rank[:, i] += above
                 rank[:, j] += ~above
-        np.greater_equal(rank, m - n, out=keep[start : start + step])
+        np.greater_equal(rank, m - n, out=keep[part])
     return keep.reshape(scores.shape)
 
 

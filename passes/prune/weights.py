@@ -30,31 +30,28 @@ def float_values(target: Target) -> np.ndarray:
     return centred * scale
 
 
-def zero_count(target: Target) -> int:
-    """How many entries of the stored weight dequantize (or are) exactly 0."""
+def write(target: Target, keep: np.ndarray) -> tuple[int, int]:
+    """Zero the entries where `keep` is False.
+
+    Returns:
+        (entries that were not zero before, entries that are zero now).
+    """
     tensor = target.value.const_value
     assert tensor is not None
     raw = tensor.numpy()
     if target.dequantize is None:
-        return int(np.count_nonzero(raw == 0))
-    zero = _expanded(target, 2, raw.shape)
-    return int(np.count_nonzero(raw == (0 if zero is None else zero)))
-
-
-def write(target: Target, keep: np.ndarray) -> int:
-    """Zero the entries where `keep` is False; return how many were not zero before."""
-    tensor = target.value.const_value
-    assert tensor is not None
-    raw = tensor.numpy()
-    zero = None if target.dequantize is None else _expanded(target, 2, raw.shape)
-    fill = np.zeros(raw.shape, raw.dtype) if zero is None else zero.astype(raw.dtype)
-    prune = ~keep
-    newly = int(np.count_nonzero(prune & (raw != fill)))
-    if newly == 0:
-        return 0
-    pruned = np.where(prune, fill, raw).astype(raw.dtype, copy=False)
-    target.value.const_value = ir.tensor(pruned, dtype=tensor.dtype, name=target.value.name)
-    return newly
+        pruned = np.where(keep, raw, raw.dtype.type(0))
+        nonzero_after = int(np.count_nonzero(pruned))
+        newly = int(np.count_nonzero(raw)) - nonzero_after
+    else:
+        zero = _expanded(target, 2, raw.shape)
+        fill = np.zeros(raw.shape, raw.dtype) if zero is None else zero.astype(raw.dtype)
+        pruned = np.where(keep, raw, fill)
+        nonzero_after = int(np.count_nonzero(pruned != fill))
+        newly = int(np.count_nonzero(raw != fill)) - nonzero_after
+    if newly:
+        target.value.const_value = ir.tensor(pruned, dtype=tensor.dtype, name=target.value.name)
+    return newly, raw.size - nonzero_after
 
 
 def _expanded(target: Target, index: int, shape: tuple[int, ...]) -> np.ndarray | None:
