@@ -6,6 +6,7 @@ pass, so importing `graphopt.passes.base` alone stays cheap and free of cycles.
 
 BUILTIN_PASS_MODULES: tuple[str, ...] = (
     "bias_correction",
+    "channels",
     "cleanup",
     "graphsurgeon",
     "prune",
