@@ -251,3 +251,26 @@ def test_options_from_text() -> None:
         build_options(ChannelsPass, {"ratio": 1.5})
     with pytest.raises(RecipeError):
         build_options(ChannelsPass, {"exclude": ["re:("]})
+
+
+# ---------------------------------------------------------------------------- inspect
+
+
+def test_inspect_groups(tmp_path: Path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from graphopt.cli import main
+
+    path = tmp_path / "m.onnx"
+    onnx.save(nets.resnet_basic(), path)
+    result = CliRunner().invoke(main, ["inspect", str(path), "--groups", "--json"])
+    assert result.exit_code == 0, result.output
+    groups = json.loads(result.output)
+    assert [g["channels"] for g in groups] == [16, 24, 8]
+    assert [g["prunable"] for g in groups] == [True, True, False]
+    assert "graph output" in groups[2]["refusals"][0]
+    result = CliRunner().invoke(main, ["inspect", str(path), "--groups"])
+    assert result.exit_code == 0, result.output
+    assert "refused" in result.output and "2 of 3 groups prunable" in result.output
