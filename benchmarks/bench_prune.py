@@ -208,7 +208,11 @@ def main() -> None:
     print(f"model ready in {time.perf_counter() - start:.1f} s: {args.dir / MODEL_NAME}")
     big = _subprocess("big", args.dir)
     peer = _subprocess("peer", args.dir)
-    report = {"machine": machine_info.machine(), "packages": machine_info.versions(("polygraphy",)), "big": big}
+    report = {
+        "machine": machine_info.machine(),
+        "packages": machine_info.versions(("polygraphy",)),
+        "big": big,
+    }
     report["peer"] = peer
     print(f"\n2:4 magnitude prune of {big['params']:,} weights ({args.layers} x {args.dim}^2)")
     print(f"  load {big['load_s']:.2f} s, prune + check + masks {big['prune_s']:.2f} s "
