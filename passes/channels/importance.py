@@ -5,8 +5,8 @@
   group norm);
 - `bn`: |gamma| of the BatchNormalizations in the group (read before cleanup folds them;
   a group without one falls back to `l2`, and the pass says so);
-- `activation`: the root mean square of the channel at the sources' outputs over the
-  calibration data (streamed by `channel_stats`).
+- `activation`: the root mean square of the channel where its consumers read it (at the
+  sources' outputs when none does) over the calibration data (streamed by `channel_stats`).
 """
 
 from __future__ import annotations
@@ -56,8 +56,10 @@ def bn_scale(group: Group, analysis: Analysis) -> np.ndarray | None:
 
 
 def activation_slots(group: Group) -> list[Slot]:
-    """The computed (not constant) slots where the group's channels are created."""
-    return [s for s in group.members if s.sources and not s.is_constant]
+    """The activations the group's consumers read (what removing a channel takes from
+    them), or where its channels are created when nothing reads them through weights."""
+    read = [s for s in group.members if s.consumers and not s.is_constant]
+    return read or [s for s in group.members if s.sources and not s.is_constant]
 
 
 def activation_rms(group: Group, rms: Mapping[tuple[str, int], np.ndarray]) -> np.ndarray | None:

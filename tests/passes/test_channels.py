@@ -274,3 +274,29 @@ def test_inspect_groups(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["inspect", str(path), "--groups"])
     assert result.exit_code == 0, result.output
     assert "refused" in result.output and "2 of 3 groups prunable" in result.output
+
+
+def test_activation_importance_removes_the_silent_channels(tmp_path: Path) -> None:
+    """FFN hidden units whose bias keeps them below zero (Relu: always 0) rank lowest."""
+    import os
+
+    from graphopt.data import open_dataset
+
+    proto = nets.ffn()
+    model = _model(proto)
+    mm = next(n for n in model.graph if n.op_type == "MatMul")
+    bias_add = mm.outputs[0].uses()[0].node
+    bias = bias_add.inputs[1].const_value.numpy().copy()
+    silent = np.arange(0, 64, 2)
+    bias[silent] = -100.0
+    bias[silent + 1] = 5.0  # the others are always active, so never tie at zero
+    bias_add.inputs[1].const_value = ir.tensor(bias, name=bias_add.inputs[1].name)
+    path = tmp_path / "calib.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, x=rng.standard_normal((32, 5, 16)).astype(np.float32))
+    data = open_dataset(os.fspath(path), model.input_specs())
+    ctx = Context(workdir=tmp_path, calib_data=data, device="cpu", batch_size=16)
+    result = ChannelsPass(ChannelsOptions(ratio=0.5, importance="activation")).run(model, ctx)
+    assert result.modified
+    kept = model.metadata["channels"][mm.outputs[0].name][2]
+    assert sorted(kept) == list(range(1, 64, 2))
