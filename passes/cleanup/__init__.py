@@ -12,6 +12,8 @@ What it does, repeated until nothing changes:
   initializer (it becomes a Constant node instead);
 - folds an inference-mode BatchNormalization into the Conv, ConvTranspose or Gemm before it
   where that is exact;
+- folds a per-channel `x * c + d` (Mul and/or Add by constants) after a Conv, or before one,
+  into the Conv's weights and bias (before a padding Conv only the scale moves);
 - fuses hard-sigmoid and hard-swish written out as Add/Clip/Mul/Div into HardSigmoid (and a
   Mul), one pass over the tensor instead of three or four;
 - merges initializers with identical dtype, shape and bytes.
@@ -25,7 +27,7 @@ graph input.
 alone, with the reason (for `--explain`).
 
 One module per rule family: `trivial` (Identity, Dropout), `constants` (folding, with
-`bounded_folder` the one place onnxscript's private API is used), `batchnorm`,
+`bounded_folder` the one place onnxscript's private API is used), `batchnorm`, `affine`,
 `activations`, `dedup`,
 `unused`; `bookkeeping` measures and guards the model around them, `common` holds the IR
 helpers they share.
@@ -41,7 +43,7 @@ import onnx_ir as ir
 from graphopt.context import Context
 from graphopt.model import Model
 from graphopt.passes.base import Pass, PassResult, option, register_pass
-from graphopt.passes.cleanup import activations, batchnorm, constants, trivial
+from graphopt.passes.cleanup import activations, affine, batchnorm, constants, trivial
 from graphopt.passes.cleanup.bookkeeping import (
     count_initializers,
     count_nodes,
@@ -70,6 +72,9 @@ class CleanupOptions:
     )
     deduplicate: bool = option(True, "merge initializers with identical dtype, shape and bytes")
     remove_dropout: bool = option(True, "remove Dropout nodes that run in inference mode")
+    fold_affine: bool = option(
+        True, "fold per-channel Mul/Add by constants next to a Conv into its weights and bias"
+    )
     fuse_activations: bool = option(
         True, "rewrite hard-sigmoid/hard-swish spelled as Add, Clip, Mul, Div into HardSigmoid"
     )
@@ -99,7 +104,8 @@ class CleanupPass(Pass[CleanupOptions]):
     written-out hard-sigmoid/hard-swish.
 
     Changes: node and initializer counts, weights of Conv/ConvTranspose/Gemm that absorb a
-    BatchNormalization, Add/Clip/Mul/Div chains that become HardSigmoid. Preserves: graph input/output names, types and shapes; subgraphs.
+    BatchNormalization or a per-channel Mul/Add, Add/Clip/Mul/Div chains that become
+    HardSigmoid. Preserves: graph input/output names, types and shapes; subgraphs.
     Lossless: outputs equal within float rounding.
     """
 
@@ -169,6 +175,10 @@ class CleanupPass(Pass[CleanupOptions]):
         if opts.fold_batchnorm and can_add_weights:
             count = batchnorm.fold_all(m)
             stats["batchnorms_folded"] += count
+            modified |= count > 0
+        if opts.fold_affine and can_add_weights:
+            count = affine.fold_all(m)
+            stats["affines_folded"] += count
             modified |= count > 0
         if opts.fuse_activations:
             count = activations.fuse_hard_sigmoid(m)

@@ -23,52 +23,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.passes.cleanup.common import constant, is_onnx_op, onnx_nodes
+from graphopt.passes.cleanup.common import constant, is_onnx_op, min_rank, onnx_nodes
 
 # f * M must be 1 within this relative tolerance (1/6 is not exact in float32).
 _RTOL = 1e-6
-# Ops whose output has the rank of their broadcast inputs (used to bound x's rank).
-_BROADCASTING = frozenset(
-    {
-        "Add",
-        "Sub",
-        "Mul",
-        "Div",
-        "Relu",
-        "Clip",
-        "Sigmoid",
-        "HardSigmoid",
-        "Tanh",
-        "LeakyRelu",
-        "Neg",
-        "Abs",
-        "Exp",
-        "Sqrt",
-        "Pow",
-        "Max",
-        "Min",
-        "Where",
-        "Erf",
-        "Cast",
-        "Identity",
-    }
-)
-# Ops whose output always has rank >= 3 (N, C and at least one spatial axis).
-_IMAGE_OPS = frozenset(
-    {
-        "Conv",
-        "ConvTranspose",
-        "BatchNormalization",
-        "MaxPool",
-        "AveragePool",
-        "GlobalAveragePool",
-        "GlobalMaxPool",
-        "InstanceNormalization",
-        "Resize",
-        "Upsample",
-    }
-)
-_MAX_DEPTH = 12
 # HardSigmoid's types before opset 22 (the pattern's constants have x's type).
 _HARD_SIGMOID_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE})
 
@@ -124,7 +82,7 @@ def _match(
                 continue
             if times_x is not None and x_side is not x:
                 continue
-            if _min_rank(x, 0) < max(offset[1], _scale_rank(scale_node)):
+            if min_rank(x) < max(offset[1], _scale_rank(scale_node)):
                 continue
             return x, factor, factor * offset[0], times_x, clip, add
     return None
@@ -185,25 +143,6 @@ def _scalar(value: ir.Value | None) -> tuple[float, int] | None:
 
 def _single_use(value: ir.Value | None) -> bool:
     return value is not None and len(value.uses()) == 1 and not value.is_graph_output()
-
-
-def _min_rank(value: ir.Value | None, depth: int) -> int:
-    """A lower bound on the rank of `value` (0 when nothing is known)."""
-    if value is None or depth > _MAX_DEPTH:
-        return 0
-    if value.shape is not None:
-        return len(value.shape)
-    tensor = constant(value)
-    if tensor is not None:
-        return len(tensor.shape)
-    producer = value.producer()
-    if producer is None or producer.domain not in ("", "ai.onnx"):
-        return 0
-    if producer.op_type in _IMAGE_OPS:
-        return 3
-    if producer.op_type in _BROADCASTING:
-        return max((_min_rank(v, depth + 1) for v in producer.inputs), default=0)
-    return 0
 
 
 def _rewrite(

@@ -15,8 +15,10 @@ import onnx_ir as ir
 
 from graphopt.passes.cleanup.common import (
     FLOAT_TYPES,
+    all_value_names,
     constant,
     is_onnx_op,
+    new_initializer,
     onnx_nodes,
     plain_attr,
     remove_node,
@@ -38,7 +40,7 @@ class _BatchNormMatch:
 
 def fold_all(m: ir.Model) -> int:
     """Fold every BatchNormalization that passes the check; the number folded."""
-    names = _all_value_names(m)
+    names = all_value_names(m)
     count = 0
     for node, opset in onnx_nodes(m, "BatchNormalization", functions=False):
         match = _check(node, opset)
@@ -187,34 +189,10 @@ def _rewrite(match: _BatchNormMatch, names: set[str]) -> bool:
     graph = producer.graph
     assert isinstance(graph, ir.Graph)
     base = producer.name or kind
-    producer.replace_input_with(1, _new_initializer(graph, f"{base}_weight_bn", new_w, names))
+    producer.replace_input_with(1, new_initializer(graph, f"{base}_weight_bn", new_w, names))
     if len(producer.inputs) < 3:
         producer.resize_inputs(3)
-    producer.replace_input_with(2, _new_initializer(graph, f"{base}_bias_bn", new_b, names))
+    producer.replace_input_with(2, new_initializer(graph, f"{base}_bias_bn", new_b, names))
     # The producer now computes what the BatchNormalization did: give it the BN's output.
     remove_node(bn, bn.outputs[0], producer.outputs[0], rename=True)
     return True
-
-
-def _all_value_names(m: ir.Model) -> set[str]:
-    names: set[str] = set()
-    for graph in m.graphs():
-        names.update(v.name for v in graph.inputs if v.name)
-        names.update(graph.initializers)
-        for node in graph:
-            names.update(v.name for v in node.outputs if v.name)
-    return names
-
-
-def _new_initializer(graph: ir.Graph, base: str, array: np.ndarray, names: set[str]) -> ir.Value:
-    name, suffix = base, 1
-    while name in names:
-        suffix += 1
-        name = f"{base}_{suffix}"
-    names.add(name)
-    tensor = ir.tensor(array, name=name)
-    value = ir.Value(
-        name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(array.shape), const_value=tensor
-    )
-    graph.register_initializer(value)
-    return value

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TypeVar
 
+import numpy as np
 import onnx_ir as ir
 
 ONNX_DOMAINS = ("", "ai.onnx")
@@ -14,6 +15,49 @@ FLOAT_TYPES = frozenset(
 )
 
 _Scalar = TypeVar("_Scalar", int, float)
+
+# Ops whose output has the rank of their broadcast inputs (used to bound x's rank).
+_BROADCASTING = frozenset(
+    {
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Relu",
+        "Clip",
+        "Sigmoid",
+        "HardSigmoid",
+        "Tanh",
+        "LeakyRelu",
+        "Neg",
+        "Abs",
+        "Exp",
+        "Sqrt",
+        "Pow",
+        "Max",
+        "Min",
+        "Where",
+        "Erf",
+        "Cast",
+        "Identity",
+    }
+)
+# Ops whose output always has rank >= 3 (N, C and at least one spatial axis).
+_IMAGE_OPS = frozenset(
+    {
+        "Conv",
+        "ConvTranspose",
+        "BatchNormalization",
+        "MaxPool",
+        "AveragePool",
+        "GlobalAveragePool",
+        "GlobalMaxPool",
+        "InstanceNormalization",
+        "Resize",
+        "Upsample",
+    }
+)
+_MAX_DEPTH = 12
 
 
 def is_onnx_op(node: ir.Node, *op_types: str) -> bool:
@@ -84,3 +128,48 @@ def remove_node(node: ir.Node, output: ir.Value, replacement: ir.Value, *, renam
             replacement.type = type_
         if shape is not None:
             replacement.shape = shape
+
+
+def all_value_names(m: ir.Model) -> set[str]:
+    """Every value name in the model's graphs (for making new names unique)."""
+    names: set[str] = set()
+    for graph in m.graphs():
+        names.update(v.name for v in graph.inputs if v.name)
+        names.update(graph.initializers)
+        for node in graph:
+            names.update(v.name for v in node.outputs if v.name)
+    return names
+
+
+def new_initializer(graph: ir.Graph, base: str, array: np.ndarray, names: set[str]) -> ir.Value:
+    """A new initializer holding `array`, named `base` (made unique against `names`)."""
+    name, suffix = base, 1
+    while name in names:
+        suffix += 1
+        name = f"{base}_{suffix}"
+    names.add(name)
+    tensor = ir.tensor(array, name=name)
+    value = ir.Value(
+        name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(array.shape), const_value=tensor
+    )
+    graph.register_initializer(value)
+    return value
+
+
+def min_rank(value: ir.Value | None, depth: int = 0) -> int:
+    """A lower bound on the rank of `value` (0 when nothing is known)."""
+    if value is None or depth > _MAX_DEPTH:
+        return 0
+    if value.shape is not None:
+        return len(value.shape)
+    tensor = constant(value)
+    if tensor is not None:
+        return len(tensor.shape)
+    producer = value.producer()
+    if producer is None or producer.domain not in ("", "ai.onnx"):
+        return 0
+    if producer.op_type in _IMAGE_OPS:
+        return 3
+    if producer.op_type in _BROADCASTING:
+        return max((min_rank(v, depth + 1) for v in producer.inputs), default=0)
+    return 0
