@@ -42,9 +42,17 @@ from graphopt.context import Context
 from graphopt.errors import GraphoptError, PassFailed
 from graphopt.model import Model
 from graphopt.passes.base import Pass, PassResult, option, register_pass
-from graphopt.passes.quantize import blockwise, budget, insert, opset, ranges, weightonly
+from graphopt.passes.quantize import (
+    blockwise,
+    budget,
+    insert,
+    opset,
+    qparams,
+    ranges,
+    weightonly,
+)
 from graphopt.passes.quantize.graphutil import node_label
-from graphopt.passes.quantize.ortcpu import kernels_for_this_cpu, plan_ortcpu
+from graphopt.passes.quantize.ortcpu import SEVEN_BIT_LIMIT, kernels_for_this_cpu, plan_ortcpu
 from graphopt.passes.quantize.plan import Plan
 from graphopt.passes.quantize.sites import (
     Excluder,
@@ -106,11 +114,13 @@ class QuantizeOptions:
     quantize_attention: bool = option(
         False, "also quantize MatMuls of two activations (the attention core)"
     )
-    ort_kernels: Literal["auto", "u8s8", "u8u8"] = option(
+    ort_kernels: Literal["auto", "u8s8", "u8s7", "u8u8"] = option(
         "auto",
         "target=ort-cpu: u8s8 (int8 weights) is fastest, but on x86 CPUs without VNNI its "
-        "int16 partial sums can saturate; u8u8 stores the same weights as uint8 (zero point "
-        "128) and cannot; auto: u8s8 where the CPU running graphopt has VNNI or is not x86",
+        "int16 partial sums can saturate; u8s7 rounds the weights of GEMM-based ops to 7 bits "
+        "([-63, 63], depthwise convs keep 8) so they cannot, at U8S8 speed; u8u8 stores 8-bit "
+        "weights as uint8 (zero point 128): no saturation, full precision, slower; "
+        "auto: u8s8 where the CPU running graphopt has VNNI or is not x86, else u8s7",
     )
 
     block_size: int = option(
@@ -392,8 +402,15 @@ class QuantizePass(Pass[QuantizeOptions]):
             return plan_tensorrt(
                 graph, selection, excluder, forbidden, precision=self.options.precision
             )
-        unsigned = self._ort_kernels()[0] == "u8u8"
-        return plan_ortcpu(graph, selection, excluder, forbidden, unsigned_weights=unsigned)
+        kernels = self._ort_kernels()[0]
+        return plan_ortcpu(
+            graph,
+            selection,
+            excluder,
+            forbidden,
+            unsigned_weights=kernels == "u8u8",
+            weight_limit=SEVEN_BIT_LIMIT if kernels == "u8s7" else qparams.INT8_MAX,
+        )
 
     def _ort_kernels(self) -> tuple[str, str]:
         """The ort-cpu kernel flavour and why it was chosen."""

@@ -74,7 +74,7 @@ def apply(
         )
         inserted.quantize_linear += 1
         inserted.dequantize_linear += 1
-    weights: dict[tuple[str, int | None], ir.Value] = {}
+    weights: dict[tuple[str, int | None, float, int], ir.Value] = {}
     for site in plan.sites:
         if site.weight is None:
             continue
@@ -84,7 +84,8 @@ def apply(
         alpha = _gemm_alpha(site.node)
         if alpha is None:
             continue
-        key = (w.name, axis, alpha)
+        limit = qparams.INT8_MAX if site.node in plan.full_range else plan.weight_limit
+        key = (w.name, axis, alpha, limit)
         if key not in weights:
             weights[key] = _quantized_weight(
                 graph,
@@ -94,6 +95,7 @@ def apply(
                 axis,
                 alpha,
                 unsigned=plan.unsigned_weights,
+                limit=limit,
                 precision=plan.precision,
             )
             inserted.weights += 1
@@ -196,6 +198,7 @@ def _quantized_weight(
     factor: float = 1.0,
     *,
     unsigned: bool = False,
+    limit: int = qparams.INT8_MAX,
     precision: qparams.Precision = "int8",
 ) -> ir.Value:
     """An int8 (or fp8) copy of `weight` x `factor` behind a DequantizeLinear; with
@@ -205,12 +208,12 @@ def _quantized_weight(
     array = np.asarray(tensor.numpy(), np.float32)
     if factor != 1.0:
         array = array * np.float32(factor)
-    scales = qparams.weight_scales(array, axis, precision)
+    scales = qparams.weight_scales(array, axis, precision, limit=limit)
     if precision == "fp8":
         values = qparams.quantize_weight_fp8(array, scales, axis)
         zero_points = np.zeros(scales.shape, qparams.FP8)
     else:
-        values = qparams.quantize_weight(array, scales, axis)
+        values = qparams.quantize_weight(array, scales, axis, limit=limit)
         zero_points = np.zeros_like(scales, np.int8)
     if unsigned:
         values, zero_points = qparams.as_unsigned(values), np.full_like(scales, 128, np.uint8)

@@ -4,9 +4,12 @@ integer kernels (its QDQ selectors, onnxruntime/core/optimizer/qdq_transformer).
 U8S8: activations uint8 with a zero point (asymmetric), weights int8 symmetric per channel,
 biases int32 with scale = input scale x weight scale (a Gemm's alpha folded into its weight).
 On x86 CPUs without VNNI, ORT's U8S8 kernels add pairs of uint8 x int8 products in int16
-(VPMADDUBSW), which saturates (ORT's documented caveat): on PP-OCRv4 that cost 1.3 points of
-character error rate. There the same weights are stored as uint8 with zero point 128 (U8U8
-kernels, no saturation); `kernels_for_this_cpu` decides for `ort_kernels=auto`.
+(VPMADDUBSW), which saturates (ORT's documented caveat): on PP-OCRv4 that cost 1.9 points of
+character error rate. There (`kernels_for_this_cpu`, for `ort_kernels=auto`) graphopt rounds
+the weights of GEMM-based ops to 7 bits, [-63, 63] (u8s7: 2 x 255 x 63 fits int16), and keeps
+8 bits for depthwise convolutions, which ORT accumulates in int32; U8S8 speed, no saturation.
+`ort_kernels=u8u8` instead stores 8-bit weights as uint8 with zero point 128 (U8U8 kernels,
+slower, no saturation, the full 8 bits).
 
 - Conv: DQ(x), DQ(w), DQ(b) -> Conv -> Q(y) becomes QLinearConv, so a Conv's output is
   quantized too. When a Relu (or Clip) is the Conv's only reader, the Relu's output is
@@ -34,9 +37,19 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from graphopt.passes.quantize.graphutil import already_quantized, float_activation, is_onnx_op
+from graphopt.passes.quantize.graphutil import (
+    already_quantized,
+    constant,
+    float_activation,
+    is_onnx_op,
+    plain_attr,
+)
 from graphopt.passes.quantize.plan import Plan
 from graphopt.passes.quantize.sites import Excluder, Selection
+
+#: The int8 weight range [-63, 63] of u8s7: the sum of two uint8 x int8 products,
+#: 2 x 255 x 63 = 32,130, fits VPMADDUBSW's int16 (2 x 255 x 127 = 64,770 does not).
+SEVEN_BIT_LIMIT = 63
 
 _DATA_MOVEMENT = frozenset(
     {
@@ -65,17 +78,22 @@ def plan_ortcpu(
     forbidden: frozenset[str] = frozenset(),
     *,
     unsigned_weights: bool = False,
+    weight_limit: int = 127,
 ) -> Plan:
-    """Q/DQ placement for ONNX Runtime's CPU integer kernels (U8U8 with `unsigned_weights`)."""
+    """Q/DQ placement for ONNX Runtime's CPU integer kernels (U8U8 with `unsigned_weights`,
+    7-bit U8S8 with `weight_limit` 63)."""
     plan = Plan(
         symmetric=False,
         quantize_bias=True,
         unsigned_weights=unsigned_weights,
+        weight_limit=weight_limit,
         forbidden=forbidden,
     )
     plan.float_readers = {node for node in graph if excluder.matches(node)}
     for site in selection.sites:
         plan.sites.append(site)
+        if _depthwise(site.node):
+            plan.full_range.add(site.node)
         for index in site.activations:
             value = site.node.inputs[index]
             assert value is not None
@@ -92,6 +110,19 @@ def plan_ortcpu(
         for node in nodes:
             changed |= _grow(node, plan)
     return plan
+
+
+def _depthwise(node: ir.Node) -> bool:
+    """A Conv with one input and one output channel per group: ONNX Runtime's QLinearConv
+    runs it with its depthwise kernel, which accumulates in int32 (measured: 8-bit weights
+    do not saturate there, while with two outputs per group, on the GEMM path, they do)."""
+    if node.op_type != "Conv":
+        return False
+    weight = constant(node.inputs[1]) if len(node.inputs) > 1 else None
+    group = plain_attr(node, "group", 1)
+    if weight is None or group is None or len(weight.shape) < 3:
+        return False
+    return group > 1 and weight.shape[0] == group and weight.shape[1] == 1
 
 
 def _grow(node: ir.Node, plan: Plan) -> bool:
@@ -152,16 +183,22 @@ _VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni"})
 
 
 def kernels_for_this_cpu() -> tuple[str, str]:
-    """("u8s8" | "u8u8", why) for the CPU graphopt runs on."""
+    """("u8s8" | "u8s7", why) for the CPU graphopt runs on."""
     machine = platform.machine().lower()
     if machine not in _X86:
         return "u8s8", f"{machine or 'this'} CPU: integer dot products accumulate in int32"
     flags = _cpu_flags()
     if flags is None:
-        return "u8u8", "x86 CPU whose VNNI support could not be read: U8S8 might saturate"
+        return (
+            "u8s7",
+            "x86 CPU whose VNNI support could not be read: 7-bit weights keep U8S8 from saturating",
+        )
     if flags & _VNNI_FLAGS:
         return "u8s8", "x86 CPU with VNNI: U8S8 accumulates in int32"
-    return "u8u8", "x86 CPU without VNNI: U8S8 partial sums can saturate in int16"
+    return (
+        "u8s7",
+        "x86 CPU without VNNI: 7-bit weights keep U8S8's int16 partial sums from saturating",
+    )
 
 
 def _cpu_flags() -> set[str] | None:

@@ -32,6 +32,10 @@ class Plan:
         quantize_bias: store Conv/Gemm biases as int32 (ONNX Runtime's QLinearConv, QGemm).
         unsigned_weights: store int8 weights as uint8 with zero point 128 (the same values;
             ONNX Runtime then runs U8U8 kernels).
+        weight_limit: int8 weights are rounded into [-weight_limit, weight_limit] (127; 63
+            for 7-bit weights that ONNX Runtime's U8S8 kernels sum without saturating).
+        full_range: ops whose int8 weights keep [-127, 127] whatever `weight_limit` says
+            (depthwise convolutions, which ONNX Runtime accumulates in int32).
         float_readers: nodes that keep reading the float value of a quantized tensor even
             when `readers` is ALL (ops the user excluded).
         values: tensor name -> its value.
@@ -45,6 +49,8 @@ class Plan:
     precision: Precision = "int8"
     quantize_bias: bool = False
     unsigned_weights: bool = False
+    weight_limit: int = 127
+    full_range: set[ir.Node] = field(default_factory=set)
     float_readers: set[ir.Node] = field(default_factory=set)
     values: dict[str, ir.Value] = field(default_factory=dict)
     forbidden: frozenset[str] = frozenset()

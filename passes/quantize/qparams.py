@@ -79,10 +79,15 @@ def activation_params(
 
 
 def weight_scales(
-    weight: np.ndarray, axis: int | None, precision: Precision = "int8"
+    weight: np.ndarray,
+    axis: int | None,
+    precision: Precision = "int8",
+    *,
+    limit: int = INT8_MAX,
 ) -> np.ndarray:
-    """Symmetric scales: abs-max / 127 (int8) or / 448 (fp8) along `axis` (a vector), or of
-    the whole tensor (a scalar) when `axis` is None. An all-zero channel gets scale 1."""
+    """Symmetric scales: abs-max / 127 (int8; / `limit` for a narrower int8 range) or / 448
+    (fp8) along `axis` (a vector), or of the whole tensor (a scalar) when `axis` is None. An
+    all-zero channel gets scale 1."""
     w = np.asarray(weight, np.float32)
     if axis is None:
         amax = np.max(np.abs(w)) if w.size else np.float32(0)
@@ -90,15 +95,19 @@ def weight_scales(
         others = tuple(i for i in range(w.ndim) if i != axis)
         amax = np.max(np.abs(w), axis=others) if w.size else np.zeros(w.shape[axis], np.float32)
     amax = np.asarray(amax, np.float32)
-    scales = (amax / np.float32(qmax(precision))).astype(np.float32)
+    top = qmax(precision) if precision == "fp8" else float(limit)
+    scales = (amax / np.float32(top)).astype(np.float32)
     return np.where(amax > 0, scales, np.float32(1.0)).astype(np.float32)
 
 
-def quantize_weight(weight: np.ndarray, scales: np.ndarray, axis: int | None) -> np.ndarray:
-    """int8 values of `weight` under `scales` (narrow range [-127, 127])."""
+def quantize_weight(
+    weight: np.ndarray, scales: np.ndarray, axis: int | None, *, limit: int = INT8_MAX
+) -> np.ndarray:
+    """int8 values of `weight` under `scales` (narrow range [-limit, limit], 127 by
+    default; 63 keeps ONNX Runtime's U8S8 kernels from saturating, see `ortcpu`)."""
     w = np.asarray(weight, np.float32)
     s = _broadcast(scales, w.ndim, axis)
-    return np.clip(np.rint(w / s), -INT8_MAX, INT8_MAX).astype(np.int8)
+    return np.clip(np.rint(w / s), -limit, limit).astype(np.int8)
 
 
 def quantize_weight_fp8(weight: np.ndarray, scales: np.ndarray, axis: int | None) -> np.ndarray:

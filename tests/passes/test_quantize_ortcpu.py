@@ -187,13 +187,97 @@ def test_u8s8_and_u8u8_models_compute_the_same_values(tmp_path):
     np.testing.assert_array_equal(outputs[0], outputs[1])
 
 
+def depthwise_cnn() -> onnx.ModelProto:
+    """Conv 8->32, depthwise 32 (one output per group), grouped 32->64 (two per group: ORT's
+    GEMM path), a Gemm head; every weight positive so int8 partial sums are as large as
+    they get."""
+    rng = np.random.default_rng(7)
+
+    def w(name: str, shape: tuple[int, ...]) -> onnx.TensorProto:
+        return numpy_helper.from_array(rng.uniform(0.5, 1.0, shape).astype(np.float32), name)
+
+    mk = helper.make_node
+    nodes = [
+        mk("Conv", ["x", "w1"], ["c1"], name="conv", pads=[1, 1, 1, 1]),
+        mk("Conv", ["c1", "w2"], ["c2"], name="depthwise", pads=[1, 1, 1, 1], group=32),
+        mk("Conv", ["c2", "w3"], ["c3"], name="grouped", group=32),
+        mk("GlobalAveragePool", ["c3"], ["gap"], name="gap"),
+        mk("Flatten", ["gap"], ["flat"], name="flatten"),
+        mk("Gemm", ["flat", "w4"], ["y"], name="fc", transB=1),
+    ]
+    vi = helper.make_tensor_value_info
+    return models.make_model(
+        nodes,
+        [vi("x", TensorProto.FLOAT, ["N", 8, 12, 12])],
+        [vi("y", TensorProto.FLOAT, ["N", 16])],
+        [w("w1", (32, 8, 3, 3)), w("w2", (32, 1, 3, 3)), w("w3", (64, 1, 1, 1)), w("w4", (16, 64))],
+    )
+
+
+def _weight_ranges(model: Model) -> dict[str, int]:
+    """Quantized op name -> the largest |int8 weight| it reads."""
+    out = {}
+    for node in model.graph:
+        for value in node.inputs:
+            producer = value.producer() if value is not None else None
+            if producer is None or producer.op_type != "DequantizeLinear":
+                continue
+            data = producer.inputs[0].const_value
+            if data is not None and data.dtype == ir.DataType.INT8:
+                out[node.name] = int(np.abs(data.numpy().astype(np.int16)).max())
+    return out
+
+
+def test_u8s7_weights_are_seven_bit_except_depthwise(tmp_path):
+    model, result = quantize(
+        depthwise_cnn(), tmp_path, cleanup=False, target="ort-cpu", min_channels=1,
+        ort_kernels="u8s7",
+    )  # fmt: skip
+    assert result.stats["ort_kernels"] == "u8s7"
+    assert _weight_ranges(model) == {"conv": 63, "depthwise": 127, "grouped": 63, "fc": 63}
+
+
+def _fused_and_exact(model: Model, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    outputs = []
+    for level in (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL,  # ORT's integer kernels
+        ort.GraphOptimizationLevel.ORT_DISABLE_ALL,  # the Q/DQ semantics, in float
+    ):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        session = ort.InferenceSession(
+            model.to_proto().SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+        outputs.append(session.run(None, feeds)[0])
+    return outputs[0], outputs[1]
+
+
+def test_u8s7_integer_kernels_do_not_saturate(tmp_path):
+    """ORT's fused U8S8 kernels give what the Q/DQ graph means with 7-bit weights; with 8-bit
+    weights they saturate on x86 without VNNI (the control, checked where it applies)."""
+    from graphopt.passes.quantize.ortcpu import kernels_for_this_cpu
+
+    proto = depthwise_cnn()
+    feeds = {"x": np.random.default_rng(1).uniform(0.0, 4.0, (4, 8, 12, 12)).astype(np.float32)}
+    errors = {}
+    for kernels in ("u8s7", "u8s8"):
+        model, _ = quantize(
+            proto, tmp_path, cleanup=False, target="ort-cpu", min_channels=1, ort_kernels=kernels
+        )
+        fused, exact = _fused_and_exact(model, feeds)
+        errors[kernels] = float(np.abs(fused - exact).max() / np.abs(exact).max())
+    assert errors["u8s7"] < 1e-3
+    if kernels_for_this_cpu()[0] == "u8s7":  # no VNNI here: 8-bit weights must saturate
+        assert errors["u8s8"] > 1e-2
+
+
 @pytest.mark.parametrize(
     ("machine", "flags", "expected"),
     [
         ("x86_64", "fpu sse avx2 avx512f avx512_vnni", "u8s8"),
         ("x86_64", "fpu sse avx2 avx_vnni", "u8s8"),
-        ("x86_64", "fpu sse avx2", "u8u8"),
-        ("x86_64", None, "u8u8"),
+        ("x86_64", "fpu sse avx2", "u8s7"),
+        ("x86_64", None, "u8s7"),
         ("aarch64", None, "u8s8"),
     ],
 )
