@@ -439,7 +439,7 @@ def test_fp8_with_ort_cpu_is_refused_when_the_recipe_is_read():
     message = info.value.paragraph()
     assert "precision=fp8 needs target=tensorrt" in message and "no fp8 kernels" in message
     with pytest.raises(RecipeError, match="precision"):
-        build_options(get_pass("quantize"), {"precision": "int4"})
+        build_options(get_pass("quantize"), {"precision": "int2"})
 
 
 def test_trt_fp8_recipe():
