@@ -111,7 +111,10 @@ class CleanupPass(Pass[CleanupOptions]):
 
     name = "cleanup"
     options_type = CleanupOptions
-    summary = "remove unused/Identity/Dropout nodes, fold constants and BatchNorm, dedupe weights"
+    summary = (
+        "remove unused/Identity/Dropout nodes, fold constants, BatchNorm and per-channel affines "
+        "into convs, fuse hard-swish, dedupe weights"
+    )
     lossless = True
 
     def run(self, model: Model, ctx: Context) -> PassResult:

@@ -231,7 +231,10 @@ class QuantizePass(Pass[QuantizeOptions]):
 
     name = "quantize"
     options_type = QuantizeOptions
-    summary = "insert calibrated int8 or fp8 Q/DQ nodes placed for TensorRT or ORT's CPU"
+    summary = (
+        "calibrated int8/fp8 Q/DQ placed for TensorRT or ORT's CPU, or int4 weight-only; "
+        "with an optional accuracy budget"
+    )
 
     def run(self, model: Model, ctx: Context) -> PassResult:
         opts = self.options
