@@ -11,9 +11,17 @@ Targets (placement profiles):
   same places get float8 e4m3fn Q/DQ: zero points 0 of that type, scales amax / 448, weights
   stored as float8 e4m3fn, biases left in float; the model is raised to opset 19.
 - ``ort-cpu``: the QDQ patterns ONNX Runtime's CPU provider fuses into integer kernels
-  (`ortcpu` module): uint8 activations with zero points, int8 per-channel weights, int32
+  (`ortcpu` module): uint8 activations with zero points, int8 per-channel weights (7-bit for
+  GEMM-based ops on x86 without VNNI, where 8-bit ones saturate ORT's U8S8 kernels), int32
   biases, outputs quantized where the fused kernel needs it (QLinearConv, QLinearMatMul,
   MatMulIntegerToFloat, QGemm, QLinearAdd, QLinearConcat, ...).
+
+``precision=int4`` is weight-only (`weightonly`, `blockwise`, `awq`): MatMul/Gemm weights as
+blockwise int4 behind opset 21's DequantizeLinear, activations left in float.
+
+With an accuracy budget (``max_accuracy_drop``, ``min_cosine``, ``min_sqnr``) the pass builds
+quantized copies and sends the ops that add the most noise back to float, by bisection, until
+one meets the bound (`budget`); those ops are listed with reason ``budget``.
 
 Which ops are left in float, and why, is decided in `sites` (reason codes ``user``,
 ``small-channels``, ``GEMV``, ``attention``, ``LayerNorm``, ``GELU``, ...) and listed in the
@@ -26,7 +34,8 @@ unfused, which is how fp8 models are validated).
 
 Modules: `sites` (which compute ops, exclusions), `plan` (the placement data), `tensorrt` and
 `ortcpu` (the profiles), `ranges` (calibration), `qparams` (the numbers), `insert` (the
-rewrite), `trtcheck` (TensorRT's constraints), `opset`, `graphutil` (IR helpers).
+rewrite), `trtcheck` (TensorRT's constraints), `budget` (the accuracy budget), `weightonly`,
+`blockwise` and `awq` (int4), `opset`, `graphutil` (IR helpers).
 """
 
 from __future__ import annotations
@@ -222,9 +231,10 @@ def _infer_types_and_shapes(m: ir.Model) -> Callable[[], None]:
 class QuantizePass(Pass[QuantizeOptions]):
     """Inserts QuantizeLinear/DequantizeLinear nodes calibrated on `--data`.
 
-    Changes: weights of quantized ops become int8 (or fp8) initializers behind
-    DequantizeLinear; activations get QuantizeLinear -> DequantizeLinear pairs; models below
-    opset 13 (19 for fp8) are raised to it. Preserves: graph input/output names, types and
+    Changes: weights of quantized ops become int8 (fp8, or blockwise int4) initializers
+    behind DequantizeLinear; activations get QuantizeLinear -> DequantizeLinear pairs (not
+    with int4, which is weight-only); models below opset 13 (19 for fp8, 21 for int4) are
+    raised to it. Preserves: graph input/output names, types and
     shapes; ops left in float.
     Lossy: validate afterwards (the `trt-int8` and `ort-int8` recipes gate on cosine).
     """
