@@ -418,7 +418,11 @@ def capture(
 
 @dataclass
 class LatencyStats:
-    """Wall-clock time of `session.run` (host-to-device copies included on a GPU)."""
+    """Wall-clock time of `session.run` (host-to-device copies included on a GPU).
+
+    `throughput` (samples per second) is taken at the median latency, which a few slow runs
+    on a busy machine do not move; `total_s` (the sum of the timed runs) gives the mean.
+    """
 
     median_ms: float
     p90_ms: float
@@ -428,9 +432,20 @@ class LatencyStats:
     threads: int | None
     provider: str
     batch_size: int
+    p99_ms: float = 0.0
+    min_ms: float = 0.0
+    max_ms: float = 0.0
+    total_s: float = 0.0
+
+    @property
+    def throughput(self) -> float:
+        """Samples per second at the median latency (0 when the median is 0)."""
+        return self.batch_size * 1000.0 / self.median_ms if self.median_ms > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["throughput"] = self.throughput
+        return data
 
 
 def measure_latency(
@@ -441,14 +456,22 @@ def measure_latency(
     warmup: int = 5,
     threads: int | None = None,
     device: Device = "auto",
+    budget_s: float | None = None,
+    max_runs: int = 100_000,
 ) -> LatencyStats:
     """Time `runs` runs on the same feeds after `warmup` untimed ones.
+
+    With `budget_s`, runs go on until that many seconds of timed runs have passed (at least
+    `runs` of them, at most `max_runs`), so a slow model is not timed for ever and a fast one
+    gets enough runs for its p99.
 
     A given Session is used as is (its own threads and provider; `threads` and `device` are
     then not used).
     """
     if runs < 1 or warmup < 0:
         raise RuntimeFailed(f"Latency needs runs >= 1 and warmup >= 0 (got {runs}, {warmup}).")
+    if budget_s is not None and budget_s <= 0:
+        raise RuntimeFailed(f"A time budget must be positive (got {budget_s} s).")
     session = (
         model
         if isinstance(model, Session)
@@ -457,23 +480,41 @@ def measure_latency(
     feeds = dict(feeds)
     for _ in range(warmup):
         session.run(feeds)
-    times = np.empty(runs, dtype=np.float64)
-    for i in range(runs):
+    limit = max(runs, max_runs) if budget_s is not None else runs
+    times = np.empty(limit, dtype=np.float64)
+    spent = 0.0
+    count = 0
+    while count < limit:
         start = time.perf_counter()
         session.run(feeds)
-        times[i] = (time.perf_counter() - start) * 1000.0
+        elapsed = time.perf_counter() - start
+        times[count] = elapsed * 1000.0
+        spent += elapsed
+        count += 1
+        if count >= runs and (budget_s is None or spent >= budget_s):
+            break
+    times = times[:count]
     first = next(iter(feeds.values()), None)
     batch = int(first.shape[0]) if first is not None and first.ndim else 1
     return LatencyStats(
         median_ms=float(np.median(times)),
         p90_ms=float(np.percentile(times, 90)),
         mean_ms=float(times.mean()),
-        runs=runs,
+        runs=count,
         warmup=warmup,
         threads=session.threads,
         provider=session.provider,
         batch_size=batch,
+        p99_ms=float(np.percentile(times, 99)),
+        min_ms=float(times.min()),
+        max_ms=float(times.max()),
+        total_s=spent,
     )
+
+
+def ort_version() -> str:
+    """The installed ONNX Runtime's version string."""
+    return str(_ort().__version__)
 
 
 def _names(names: Sequence[str]) -> str:

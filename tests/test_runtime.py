@@ -201,7 +201,14 @@ def test_measure_latency_reports_sane_stats(model: Model) -> None:
         "threads",
         "provider",
         "batch_size",
+        "p99_ms",
+        "min_ms",
+        "max_ms",
+        "total_s",
+        "throughput",
     }
+    assert stats.min_ms <= stats.median_ms <= stats.p99_ms <= stats.max_ms
+    assert stats.total_s > 0
     session = create_session(model, device="cpu")
     assert measure_latency(session, feeds, runs=3, warmup=0).runs == 3
     with pytest.raises(RuntimeFailed):
