@@ -32,13 +32,21 @@ def main() -> None:
 
 
 def _register() -> None:
-    from graphopt.cli import bench_cmd, inspect_cmd, optimize, passes_cmd, validate_cmd
+    from graphopt.cli import (
+        bench_cmd,
+        inspect_cmd,
+        optimize,
+        passes_cmd,
+        triton_cmd,
+        validate_cmd,
+    )
 
     main.add_command(optimize.optimize)
     main.add_command(inspect_cmd.inspect)
     main.add_command(validate_cmd.validate)
     main.add_command(passes_cmd.passes)
     main.add_command(bench_cmd.bench)
+    main.add_command(triton_cmd.export_triton)
 
 
 _register()
