@@ -28,6 +28,8 @@ from onnx_ir.passes.common import ShapeInferencePass
 
 from graphopt.passes.channels.handlers import HANDLERS, GraphView, Port, Visit, port_value
 from graphopt.passes.channels.handlers.base import Dim, where
+from graphopt.passes.channels.handlers.reshape import reshape_target
+from graphopt.passes.channels.handlers.shape import expand_output
 from graphopt.passes.cleanup.common import ONNX_DOMAINS, constant, node_label
 
 _SOURCE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -123,26 +125,75 @@ class Analysis:
 
 
 def infer_shapes(model: ir.Model) -> dict[str, tuple[Dim, ...]]:
-    """Every value's shape (ints, symbol names, None) from ONNX shape inference on a copy."""
+    """Every value's shape (ints, dim names) from ONNX shape inference on a copy.
+
+    Reshape and Expand targets computed at run time (Shape -> Gather -> Concat) are then
+    evaluated here (`shape_vector`), which ONNX's data propagation leaves unknown past a Div
+    or a Where, and inference runs again from the refined shapes. A dim nobody can name
+    gets a name of its own (`?value[axis]`), so a Shape of that value still matches it."""
     clone = model.clone()
-    try:
-        ShapeInferencePass(strict_mode=False)(clone)
-    except Exception:  # noqa: BLE001 - inference is best effort; declared shapes remain
-        pass
     shapes: dict[str, tuple[Dim, ...]] = {}
-    for node in clone.graph:
-        for value in node.outputs:
-            if value.name and value.shape is not None:
-                shapes[value.name] = _dims(value.shape)
-    for value in clone.graph.inputs:
-        if value.name and value.shape is not None:
-            shapes[value.name] = _dims(value.shape)
+    for _ in range(3):
+        _infer(clone)
+        shapes = _collect(clone)
+        if not _refine(clone, shapes):
+            break
     return shapes
 
 
-def _dims(shape: ir.Shape) -> tuple[Dim, ...]:
+def _infer(model: ir.Model) -> None:
+    try:
+        ShapeInferencePass(strict_mode=False)(model)
+    except Exception:  # noqa: BLE001 - inference is best effort; declared shapes remain
+        pass
+
+
+def _collect(model: ir.Model) -> dict[str, tuple[Dim, ...]]:
+    shapes: dict[str, tuple[Dim, ...]] = {}
+    values = [*model.graph.inputs, *(v for node in model.graph for v in node.outputs)]
+    for value in values:
+        if value.name and value.shape is not None:
+            shapes[value.name] = _dims(value.shape, value.name)
+    return shapes
+
+
+def _refine(model: ir.Model, shapes: dict[str, tuple[Dim, ...]]) -> bool:
+    """Give Reshape and Expand outputs the dims their evaluated targets say; True when any
+    dim became known."""
+    view = GraphView(model, shapes)
+    changed = False
+    for node in model.graph:
+        if node.domain not in ONNX_DOMAINS or node.op_type not in ("Reshape", "Expand"):
+            continue
+        out = node.outputs[0]
+        if not out.name:
+            continue
+        dims = (
+            reshape_target(node, view) if node.op_type == "Reshape" else expand_output(node, view)
+        )
+        if isinstance(dims, str):
+            continue
+        old = shapes.get(out.name)
+        if old is not None and len(old) == len(dims):
+            dims = tuple(o if isinstance(o, int) else d for o, d in zip(old, dims, strict=True))
+            better = any(
+                isinstance(d, int) and not isinstance(o, int)
+                for o, d in zip(old, dims, strict=True)
+            )
+        else:
+            better = old is None
+        if not better:
+            continue
+        shapes[out.name] = tuple(dims)
+        out.shape = ir.Shape([d if d is not None else None for d in dims])
+        changed = True
+    return changed
+
+
+def _dims(shape: ir.Shape, name: str) -> tuple[Dim, ...]:
     return tuple(
-        d if isinstance(d, int) else (d.value if getattr(d, "value", None) else None) for d in shape
+        d if isinstance(d, int) else (d.value if getattr(d, "value", None) else f"?{name}[{k}]")
+        for k, d in enumerate(shape)
     )
 
 

@@ -2,7 +2,8 @@
 
 A group keeps `n - floor(ratio * n)` channels, rounded *up* to a multiple of `round_to`
 (never fewer channels than asked for, and off-multiple channel counts run slower on GPUs
-than the layer they came from). A group that cannot reach a multiple of `round_to` below its
+than the layer they came from); when each channel of a group is a block of d tensor channels
+(an attention head), the multiple is counted in tensor channels. A group that cannot reach a multiple of `round_to` below its
 current size keeps all its channels. A group read or written by a grouped Conv keeps the
 same number in every conv group, so its kept count is also a multiple of the conv groups.
 At least one channel is always kept.
@@ -54,6 +55,19 @@ def _blocks(group: Group) -> int:
     return 1 if group.block_of is None else len(np.unique(group.block_of))
 
 
+def _round_step(group: Group, round_to: int) -> int:
+    """`round_to` in units of the group's channels: a channel that is a whole attention head
+    (or KV group) of d weight columns keeps every tensor a multiple of round_to with any
+    count of heads when d is."""
+    widths = [
+        int(index.shape[1])
+        for slot, index in group.members.items()
+        if slot.sources or slot.consumers or "weight" in slot.roles
+    ]
+    width = min(widths) if widths else 1
+    return max(round_to // math.gcd(round_to, width), 1)
+
+
 def plan(
     groups: list[Group],
     scores: Mapping[int, np.ndarray],
@@ -70,7 +84,8 @@ def plan(
         targets = {g.id: math.floor(min(ratio, max_ratio) * g.channels + 1e-9) for g in groups}
     out = {}
     for group in groups:
-        keep = kept_count(group.channels, targets[group.id], round_to, _blocks(group))
+        step = _round_step(group, round_to)
+        keep = kept_count(group.channels, targets[group.id], step, _blocks(group))
         removed = choose(scores[group.id], keep, group.block_of)
         if len(removed):
             out[group.id] = removed

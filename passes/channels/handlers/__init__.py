@@ -44,6 +44,12 @@ from graphopt.passes.channels.handlers.reduce import (
     SoftmaxHandler,
 )
 from graphopt.passes.channels.handlers.reshape import ReshapeHandler
+from graphopt.passes.channels.handlers.shape import (
+    ExpandHandler,
+    GatherHandler,
+    ShapeHandler,
+    TileHandler,
+)
 
 __all__ = [
     "HANDLERS",
@@ -76,6 +82,10 @@ HANDLERS: dict[str, Handler] = {
     "Upsample": ResizeHandler(),
     "Reshape": ReshapeHandler(),
     "Flatten": ReshapeHandler(),
+    "Shape": ShapeHandler(),
+    "Gather": GatherHandler(),
+    "Expand": ExpandHandler(),
+    "Tile": TileHandler(),
     "QuantizeLinear": QDQHandler(),
     "DequantizeLinear": QDQHandler(),
     **{op: UnaryHandler() for op in UNARY_OPS},

@@ -78,7 +78,7 @@ class GraphView:
         self.model = model
         self.opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
         self._shapes = shapes
-        self._arrays: dict[int, np.ndarray | None] = {}
+        self._arrays: dict[int, tuple[ir.Value, np.ndarray | None]] = {}
 
     def shape(self, value: ir.Value | None) -> tuple[Dim, ...] | None:
         if value is None:
@@ -102,11 +102,12 @@ class GraphView:
         """The value as a numpy array when it is a constant (cached), else None."""
         if value is None:
             return None
-        key = id(value)
-        if key not in self._arrays:
+        # keyed by id, holding the value too: a value made by a rewrite may reuse a freed id
+        hit = self._arrays.get(id(value))
+        if hit is None or hit[0] is not value:
             tensor = constant(value)
-            self._arrays[key] = None if tensor is None else tensor.numpy()
-        return self._arrays[key]
+            hit = self._arrays[id(value)] = (value, None if tensor is None else tensor.numpy())
+        return hit[1]
 
     def ints(self, value: ir.Value | None) -> list[int] | None:
         """A constant integer vector (or scalar) as a list, else None."""
@@ -192,7 +193,8 @@ class Rewriter:
             i += 1
             name = f"{base}_channels_{i}"
         self._taken.add(name)
-        value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+        array = _contiguous(array)
+        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
         value.shape = ir.Shape(array.shape)
         value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
         self.graph.register_initializer(value)
@@ -229,10 +231,16 @@ def normalize_axis(axis: int, rank: int) -> int | None:
 
 def replace_constant(value: ir.Value, array: np.ndarray) -> None:
     """Give an initializer or a Constant node's output new contents (same name and dtype)."""
-    tensor = ir.tensor(np.ascontiguousarray(array), name=value.name)
+    array = _contiguous(array)
+    tensor = ir.tensor(array, name=value.name)
     producer = value.producer()
     if producer is not None and producer.op_type == "Constant":
         producer.attributes["value"] = ir.AttrTensor("value", tensor)
     else:
         value.const_value = tensor
     value.shape = ir.Shape(array.shape)
+
+
+def _contiguous(array: np.ndarray) -> np.ndarray:
+    """C-contiguous with the same shape (np.ascontiguousarray turns a scalar into [x])."""
+    return np.ascontiguousarray(array).reshape(np.shape(array))

@@ -6,7 +6,9 @@ block on one side maps to
 - when the other side is one axis of several of its dims merged: channel c to every position
   whose digit for the channel axis is c (a block of H*W for Flatten);
 - when the other side splits it into several axes ([N, T, C] -> [N, T, h, d]): to the
-  outermost of them, so channel c goes with c // d (whole heads stay together).
+  outermost of them, so channel c goes with c // d (whole heads stay together); a leading
+  axis of 2 or 3 that stacks q/k/v ([N, T, 3, h, d]) is skipped, so head h of all three is
+  one channel.
 
 A channel axis in a block with several axes on both sides is refused. The Reshape shape
 constant is rewritten with the new channel counts (0 and -1 entries are kept).
@@ -15,6 +17,7 @@ constant is rewritten with the new channel counts (0 and -1 entries are kept).
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import numpy as np
 import onnx_ir as ir
@@ -31,6 +34,7 @@ from graphopt.passes.channels.handlers.base import (
     refuse,
     where,
 )
+from graphopt.passes.channels.handlers.shape import freeze_reshape, shape_vector
 
 Block = tuple[list[int], list[int]]
 
@@ -95,9 +99,14 @@ def axis_map(
         digits = np.unravel_index(positions, dims)[mine.index(axis)]
         return theirs[0], (np.asarray(digits), positions)
     if len(mine) == 1 and len(theirs) > 1:
-        inner = math.prod(int(there[k]) for k in theirs[1:])  # type: ignore[arg-type]
+        # [C] -> [h, d] or [C, H, W]: channel c goes with its digit on the outermost axis;
+        # a leading axis of 2 or 3 ahead of others stacks q/k/v ([3, h, d]): skip it, so
+        # head h of q, k and v is one channel
+        outer = next((k for k in theirs[:-1] if int(there[k]) > 3), theirs[0])  # type: ignore[arg-type]
+        inner_axes = theirs[theirs.index(outer) + 1 :]
+        inner = math.prod(int(there[k]) for k in inner_axes)  # type: ignore[arg-type]
         channels = np.arange(int(here[axis]))  # type: ignore[arg-type]
-        return theirs[0], (channels, channels // inner)
+        return outer, (channels, (channels // inner) % int(there[outer]))  # type: ignore[arg-type]
     return f"the channel axis is in a block of several axes on both sides ({list(here)} vs {list(there)})"
 
 
@@ -105,11 +114,11 @@ def reshape_target(node: ir.Node, g: GraphView) -> tuple[Dim, ...] | str:
     """The output shape a Reshape makes of its input: 0 copies the input dim, -1 is solved
     from the products (or paired with the input's one symbolic dim)."""
     in_shape = g.shape(node.inputs[0])
-    spec = g.ints(node.inputs[1])
+    spec = shape_vector(node.inputs[1], g)
     if in_shape is None:
         return f"the input shape of {where(node)} is unknown"
-    if spec is None:
-        return f"the target shape of {where(node)} is computed at run time"
+    if spec is None or any(v is None for v in spec):
+        return f"the target shape of {where(node)} is computed at run time from values it cannot follow"  # noqa: E501
     allowzero = int_attr(node, "allowzero", 0)
     out: list[Dim] = []
     for k, v in enumerate(spec):
@@ -129,7 +138,11 @@ def reshape_target(node: ir.Node, g: GraphView) -> tuple[Dim, ...] | str:
             out[out.index(-1)] = in_static // out_static
         elif len(symbols) == 1 and not unknown_out and in_static == out_static:
             out[out.index(-1)] = symbols[0]
-        elif symbols == unknown_out and out_static and in_static % out_static == 0:
+        elif (
+            Counter(map(str, symbols)) == Counter(map(str, unknown_out))
+            and out_static
+            and in_static % out_static == 0
+        ):
             out[out.index(-1)] = in_static // out_static
         else:
             return f"the -1 in the target shape of {where(node)} cannot be resolved"
@@ -175,16 +188,22 @@ class ReshapeHandler(Handler):
         other: Port = ("out", 0) if port == ("in", 0) else ("in", 0)
         in_axis, out_axis = (axis, mapped[0]) if port == ("in", 0) else (mapped[0], axis)
         if node.op_type == "Reshape" and not int_attr(node, "allowzero", 0):
-            spec = g.ints(node.inputs[1]) or []
+            spec = shape_vector(node.inputs[1], g) or []
             if spec[out_axis] == 0 and (in_axis != out_axis or mapped[1] is not None):
                 return refuse(f"{where(node)} copies (0) a dim that is not the channel axis")
+        if node.op_type == "Reshape" and (problem := freeze_reshape(node, g, None)):
+            return refuse(f"the target shape of {where(node)} is computed at run time: {problem}")
         return Visit(links=[Link(other, mapped[0], pairs=mapped[1])])
 
     def rewrite(self, node: ir.Node, rw: Rewriter) -> None:
         if node.op_type != "Reshape":
             return
         spec = rw.view.ints(node.inputs[1])
-        assert spec is not None
+        if spec is None:
+            problem = freeze_reshape(node, rw.view, rw)
+            if problem:
+                raise RuntimeError(f"{where(node)}: {problem}")
+            return
         out = node.outputs[0]
         new = list(spec)
         changed = False
