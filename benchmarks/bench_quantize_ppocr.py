@@ -22,15 +22,26 @@ recorded as OOM or timeout instead of taking the benchmark down:
               quantizes like activations);
   graphopt    load_model -> cleanup -> quantize(target=tensorrt|ort-cpu, calibrator=...,
               samples=N) -> save_model, when the `quantize` pass is registered (otherwise the
-              rows say "not available");
+              rows say "not available"); target=ort-cpu twice: ort_kernels=auto (the label
+              names what it chose for this CPU, u8s7 on x86 without VNNI) and u8u8;
+              "graphopt cleanup (FP32)" is load_model -> cleanup -> save_model alone, the
+              lossless FP32 model the quantize runs start from;
 
 then, for every model produced: CER on the test split, fidelity against FP32 (cosine of the
 probabilities, argmax agreement per time step, identical decoded lines), and ONNX Runtime CPU
-latency at batch 1 and 16 with 1 and 2 threads (FP32 and one model per tool and activation
-type / target: latency does not depend on the calibration method or sample count).
+latency at batch 1 and 16 with 1 and 2 threads (FP32, FP32 after cleanup, and one model per
+tool and activation type / target: latency does not depend on the calibration method or
+sample count).
 
 Prints three tables and writes a JSON report (default <cache>/report.json; with --quick,
 <cache>/report-quick.json), updated after every run. Not run by CI.
+
+--resume reuses a run's record only when its key (`_job_key`) is unchanged: the job, the
+size and modification time of the model file it reads, and for the graphopt runs a digest of
+graphopt's code (graphopt/, passes/, calibration/, ppocr/runs.py, committed or not). A
+changed graphopt thus measures every graphopt model again, and the evaluation and latency of
+every model written again; ORT's unchanged runs are reused. A reused quantization must still
+find its model file as it wrote it.
 
     python benchmarks/bench_quantize_ppocr.py --quick          # smoke run, a few minutes
     python benchmarks/bench_quantize_ppocr.py                  # 64/256/512 samples, all rows
@@ -64,10 +75,32 @@ DEFAULT_CACHE = Path(".cache/ppocr")
 CALIB_LINES, CALIB_SEED, TEST_SEED = 512, 1, 2
 DATA_VERSION = 1  # bump when ppocr/lines.py renders differently
 ORT_VARIANTS = {"uint8": "ORT uint8-act", "int8": "ORT int8-sym-act"}
-GRAPHOPT_TARGETS = {"tensorrt": "graphopt tensorrt", "ort-cpu": "graphopt ort-cpu"}
+# tool, label, quantize options besides calibrator and samples. ort_kernels=auto picks u8s7
+# on x86 without VNNI (u8s8 elsewhere); the label then names what it chose.
+GRAPHOPT_VARIANTS = (
+    ("graphopt-tensorrt", "graphopt tensorrt", {"target": "tensorrt", "ort_kernels": "auto"}),
+    ("graphopt-ort-cpu", "graphopt ort-cpu", {"target": "ort-cpu", "ort_kernels": "auto"}),
+    (
+        "graphopt-ort-cpu-u8u8",
+        "graphopt ort-cpu u8u8",
+        {"target": "ort-cpu", "ort_kernels": "u8u8"},
+    ),
+)
+CLEANUP_LABEL = "graphopt cleanup (FP32)"
 ALL_METHODS = ("minmax", "percentile", "entropy", "mse")
 # Jobs whose numbers are times (evaluation is accuracy; its time is not reported).
-TIMED_JOBS = {"fp32_forward", "ort_prepare", "ort_quantize", "graphopt_quantize", "latency"}
+TIMED_JOBS = {
+    "fp32_forward",
+    "ort_prepare",
+    "ort_quantize",
+    "graphopt_quantize",
+    "graphopt_cleanup",
+    "latency",
+}
+# Jobs that run graphopt: their records hold only for the graphopt code they ran.
+GRAPHOPT_JOBS = {"graphopt_quantize", "graphopt_cleanup"}
+# What those jobs run: graphopt's packages, and the benchmark's recipe for them.
+GRAPHOPT_SOURCES = ("graphopt", "passes", "calibration", "benchmarks/ppocr/runs.py")
 OTHERS_NOTE = (
     "others' cores: CPU time used by other processes during the run (the machine's busy time "
     "minus the child's), in cores; timings taken with values well above 0 are inflated."
@@ -184,19 +217,40 @@ def _cpu_times() -> tuple[float, float] | None:
 
 
 def _job_key(job: dict[str, Any]) -> str:
-    """What a result depends on: the job, the model file it reads (a re-quantized model is a
-    new file), and for graphopt jobs graphopt's own sources (the passes are being written)."""
+    """What a result depends on, so that --resume reuses a record only for the same work:
+    the job; the model file it reads, by size and modification time (a model written again,
+    by a new quantization, is a new file: its evaluation and latency runs are redone); and
+    for the jobs that run graphopt, the digest of graphopt's code (`graphopt_code`)."""
     digest = hashlib.sha256(json.dumps(job, sort_keys=True).encode())
-    model = Path(job.get("model", ""))
-    if model.is_file():
-        info = model.stat()
-        digest.update(f"{info.st_size}:{info.st_mtime_ns}".encode())
-    if job["job"] == "graphopt_quantize":
-        root = Path(__file__).resolve().parent.parent
-        for folder in ("graphopt", "passes", "calibration"):
-            for source in sorted((root / folder).rglob("*.py")):
-                digest.update(source.read_bytes())
+    stat = _file_stat(job.get("model"))
+    if stat is not None:
+        digest.update(f"{stat[0]}:{stat[1]}".encode())
+    if job["job"] in GRAPHOPT_JOBS:
+        digest.update(graphopt_code()["digest"].encode())
     return digest.hexdigest()[:16]
+
+
+def _file_stat(path: str | None) -> tuple[int, int] | None:
+    """Size and modification time (ns) of a file, None when there is none."""
+    if not path or not Path(path).is_file():
+        return None
+    info = Path(path).stat()
+    return info.st_size, info.st_mtime_ns
+
+
+def graphopt_code() -> dict[str, Any]:
+    """The code a graphopt job runs: a digest of every .py file's path and bytes under
+    GRAPHOPT_SOURCES as they are now (committed or not; a commit that leaves them alone
+    keeps the digest), with the commit of HEAD and the files that differ from it, for
+    the record."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for name in GRAPHOPT_SOURCES:
+        top = root / name
+        for source in sorted(top.rglob("*.py")) if top.is_dir() else [top]:
+            digest.update(os.fspath(source.relative_to(root)).encode() + b"\0")
+            digest.update(source.read_bytes() + b"\0")
+    return {"digest": digest.hexdigest()[:16], **runs.graphopt_tree()}
 
 
 def _wait_for_quiet(max_wait_s: float, tag: str) -> float | None:
@@ -217,6 +271,29 @@ def _wait_for_quiet(max_wait_s: float, tag: str) -> float | None:
         if not told:
             log(f"[{tag}] other processes use {busy:.1f} cores; waiting up to {max_wait_s:.0f} s")
             told = True
+
+
+def _sha256(path: str) -> str | None:
+    if not Path(path).is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while block := stream.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _outputs_intact(job: dict[str, Any], record: dict[str, Any]) -> bool:
+    """Whether the model a finished job wrote is still there, unchanged since (a reused
+    quantization whose model was deleted or overwritten would describe another file).
+    Records from before out_stat was kept are only checked for the file's presence."""
+    if record.get("status") != "ok" or not job.get("out"):
+        return True
+    stat = _file_stat(job["out"])
+    if stat is None:
+        return False
+    kept = record.get("out_stat")
+    return kept is None or tuple(kept) == stat
 
 
 class Runner:
@@ -253,14 +330,24 @@ class Runner:
                 pass
             elif job["job"] in TIMED_JOBS and busy > self.rerun_busy:
                 log(f"[{tag}] was measured while others used {busy:.2f} cores; measuring again")
+            elif not _outputs_intact(job, record):
+                log(f"[{tag}] its output {job['out']} is gone or was rewritten; running again")
             else:
                 log(f"[{tag}] reused from {saved}")
                 return record
-        others_before = _wait_for_quiet(self.wait_s, tag)
+        # Only timings are worth waiting for; an evaluation's time is not reported.
+        others_before = _wait_for_quiet(self.wait_s, tag) if job["job"] in TIMED_JOBS else None
         log(f"[{tag}] {what} ...")
         record = run_child(job, mem_limit_gb=self.mem_limit_gb, timeout_s=self.timeout_s)
         record["job_key"] = key
         record["others_cores_before"] = others_before
+        if job["job"] in GRAPHOPT_JOBS:
+            record["graphopt_code"] = graphopt_code()
+        if job.get("model"):
+            # Which file this record measured (the key has its size and time, not its bytes).
+            record["model_sha256"] = _sha256(job["model"])
+        if job.get("out"):
+            record["out_stat"] = _file_stat(job["out"])
         note = f"{record['process_wall_s']:.1f} s, peak RSS {record['peak_rss_mib']:.0f} MiB"
         if record.get("others_cores") is not None and record["others_cores"] > 0.25:
             note += f", other processes busy: {record['others_cores']:.1f} cores"
@@ -463,13 +550,17 @@ def print_tables(report: dict[str, Any]) -> None:
         "argmax agree: time steps with FP32's most likely class; same text: lines decoded "
         "exactly as FP32 decodes them.",
     )
-    fp32 = {(r["threads"], r["batch"]): r["median_ms"] for r in latency if r["tool"] == "fp32"}
+    fp32, cleaned = (
+        {(r["threads"], r["batch"]): r["median_ms"] for r in latency if r["tool"] == tool}
+        for tool in ("fp32", "graphopt-cleanup")
+    )
     rows = []
     for r in latency:
         if "median_ms" not in r:
-            rows.append([r["label"], r["method"], "-", "-", r["status"], "-", "-", "-", "-"])
+            rows.append([r["label"], r["method"], "-", "-", r["status"], "-", "-", "-", "-", "-"])
             continue
         base = fp32.get((r["threads"], r["batch"]))
+        clean = cleaned.get((r["threads"], r["batch"]))
         rows.append(
             [
                 r["label"],
@@ -480,6 +571,7 @@ def print_tables(report: dict[str, Any]) -> None:
                 _spread(r.get("round_medians_ms")),
                 f"{r['p90_ms']:.2f}",
                 f"{base / r['median_ms']:.2f}x" if base else "-",
+                f"{clean / r['median_ms']:.2f}x" if clean else "-",
                 _fmt(r.get("others_cores"), ".2f"),
             ]
         )
@@ -494,10 +586,12 @@ def print_tables(report: dict[str, Any]) -> None:
             "rounds' medians",
             "p90 ms",
             "speed-up vs FP32",
+            "vs FP32 after cleanup",
             "others' cores",
         ],
         rows,
-        "One session per thread count (intra-op threads, sequential execution); median and p90 "
+        "FP32: the file as shipped; FP32 after cleanup: graphopt's lossless cleanup pass "
+        "alone, the model graphopt quantizes. One session per thread count (intra-op threads, sequential execution); median and p90 "
         "of timed runs after warm-up, in rounds over all models (the median over rounds, and "
         "the lowest-highest of the rounds' medians); the quantized models' latency does not "
         "depend on the "
@@ -723,6 +817,29 @@ def main() -> None:
             )
         save()
 
+    if not args.skip_graphopt:
+        # The FP32 model graphopt quantizes: the file after the lossless cleanup pass alone.
+        path = models / "graphopt-cleanup.onnx"
+        job = {
+            "job": "graphopt_cleanup",
+            "model": os.fspath(model),
+            "out": os.fspath(path),
+            "workdir": os.fspath(cache / "work" / "graphopt-cleanup"),
+        }
+        record = run("graphopt-cleanup", job, "graphopt's cleanup pass alone")
+        report["calibration"].append(row("graphopt-cleanup", CLEANUP_LABEL, "", 0, record))
+        save()
+        if record["status"] == "ok":
+            produced.append(("graphopt-cleanup", CLEANUP_LABEL, "graphopt-cleanup", "", 0, path))
+            evaluate("graphopt-cleanup", CLEANUP_LABEL, "graphopt-cleanup", "", 0, path)
+            cleaned = report["accuracy"][-1].get("cer")
+            if cleaned is not None and cleaned != report["accuracy"][0]["cer"]:
+                log(f"graphopt cleanup changed the CER: {100 * cleaned:.2f} % (not lossless)")
+        else:
+            report["accuracy"].append(
+                row("graphopt-cleanup", CLEANUP_LABEL, "", 0, {"status": record["status"]})
+            )
+
     if not args.skip_ort:
         for prep in args.ort_input_list:
             source = model
@@ -770,20 +887,13 @@ def main() -> None:
         report["graphopt_quantize"] = (
             "available" if missing is None else f"not available: {missing}"
         )
-        for target, label in GRAPHOPT_TARGETS.items():
+        for tool, base_label, variant in GRAPHOPT_VARIANTS:
             for method in args.method_list:
                 for n in args.sample_counts:
-                    tag = f"graphopt-{target}-{method}-{n}"
+                    tag = f"{tool}-{method}-{n}"
                     if missing is not None:
-                        report["calibration"].append(
-                            row(
-                                "graphopt-" + target,
-                                label,
-                                method,
-                                n,
-                                {"status": "not available", "error": missing},
-                            )
-                        )
+                        unavailable = {"status": "not available", "error": missing}
+                        report["calibration"].append(row(tool, base_label, method, n, unavailable))
                         continue
                     path = models / f"{tag}.onnx"
                     job = {
@@ -793,24 +903,26 @@ def main() -> None:
                         "samples": n,
                         "batch": args.batch,
                         "method": method,
-                        "target": target,
+                        **variant,
                         "out": os.fspath(path),
                         "workdir": os.fspath(cache / "work" / tag),
                     }
-                    record = run(tag, job, f"graphopt quantize {target} {method}, {n} samples")
-                    report["calibration"].append(
-                        row("graphopt-" + target, label, method, n, record)
-                    )
+                    what = f"graphopt quantize {variant['target']} {method}, {n} samples"
+                    if variant["target"] == "ort-cpu":
+                        what += f", ort_kernels={variant['ort_kernels']}"
+                    record = run(tag, job, what)
+                    label = base_label
+                    if variant["target"] == "ort-cpu" and variant["ort_kernels"] == "auto":
+                        chosen = record.get("ort_kernels")
+                        label = f"{base_label} {chosen} (auto)" if chosen else base_label
+                    report["calibration"].append(row(tool, label, method, n, record))
                     save()
                     if record["status"] == "ok":
-                        produced.append(("graphopt-" + target, label, tag, method, n, path))
-                        evaluate("graphopt-" + target, label, tag, method, n, path)
+                        produced.append((tool, label, tag, method, n, path))
+                        evaluate(tool, label, tag, method, n, path)
                     else:
-                        report["accuracy"].append(
-                            row(
-                                "graphopt-" + target, label, method, n, {"status": record["status"]}
-                            )
-                        )
+                        status = {"status": record["status"]}
+                        report["accuracy"].append(row(tool, label, method, n, status))
         if missing is not None:
             log(f"graphopt rows: not available ({missing})")
 
@@ -819,7 +931,7 @@ def main() -> None:
         order = {m: i for i, m in enumerate(ALL_METHODS)}
         for tool in dict.fromkeys(p[0] for p in produced):
             mine = [p for p in produced if p[0] == tool]
-            timed.append(max(mine, key=lambda p: (p[4], -order[p[3]])))
+            timed.append(max(mine, key=lambda p: (p[4], -order.get(p[3], 0))))
         # Rounds over all models, so that a slow spell of the machine hits every model alike.
         records: dict[str, list[dict[str, Any]]] = {entry[2]: [] for entry in timed}
         for round_ in range(args.latency_rounds):

@@ -150,10 +150,12 @@ def graphopt_quantize(
     batch: int,
     method: str,
     target: str,
+    ort_kernels: str,
     out: Path,
     workdir: Path,
 ) -> dict[str, Any]:
-    """graphopt's Python API: load, the cleanup pass, the quantize pass, save."""
+    """graphopt's Python API: load, the cleanup pass, the quantize pass, save. `ort_kernels`
+    goes to the pass with target=ort-cpu (the kernels it chose are in the result)."""
     from graphopt.context import Context
     from graphopt.data import open_dataset
     from graphopt.model import load_model, save_model
@@ -161,6 +163,8 @@ def graphopt_quantize(
     from graphopt.recipe import recipe_from_mapping
 
     options = {"precision": "int8", "target": target, "calibrator": method, "samples": samples}
+    if target == "ort-cpu":
+        options["ort_kernels"] = ort_kernels
     recipe = recipe_from_mapping(
         {"passes": ["cleanup", {"quantize": options}]}, source="bench_quantize_ppocr"
     )
@@ -180,7 +184,31 @@ def graphopt_quantize(
         "steps_s": steps,
         "options": options,
         "pass_stats": json.loads(json.dumps(quantize.pass_stats, default=str)),
+        "ort_kernels": quantize.pass_stats.get("ort_kernels"),
         "warnings": quantize.warnings,
+        "output_bytes": saved.total_bytes(),
+    }
+
+
+def graphopt_cleanup(model: Path, out: Path, workdir: Path) -> dict[str, Any]:
+    """graphopt's lossless cleanup pass alone (the first step of every graphopt quantize run):
+    load, cleanup, save; the FP32 model it leaves."""
+    from graphopt.context import Context
+    from graphopt.model import load_model, save_model
+    from graphopt.pipeline import run_pipeline
+    from graphopt.recipe import recipe_from_mapping
+
+    recipe = recipe_from_mapping({"passes": ["cleanup"]}, source="bench_quantize_ppocr")
+    workdir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    result = run_pipeline(load_model(model), recipe, Context(workdir=workdir, device="cpu"))
+    saved = save_model(result.model, out)
+    cleanup = next(s for s in result.steps if s.name == "cleanup")
+    return {
+        "work_s": time.perf_counter() - start,
+        "graphopt_tree": graphopt_tree(),
+        "pass_stats": json.loads(json.dumps(cleanup.pass_stats, default=str)),
+        "warnings": cleanup.warnings,
         "output_bytes": saved.total_bytes(),
     }
 
