@@ -34,6 +34,7 @@ def main() -> None:
 def _register() -> None:
     from graphopt.cli import (
         bench_cmd,
+        build_cmd,
         inspect_cmd,
         optimize,
         passes_cmd,
@@ -47,6 +48,7 @@ def _register() -> None:
     main.add_command(passes_cmd.passes)
     main.add_command(bench_cmd.bench)
     main.add_command(triton_cmd.export_triton)
+    main.add_command(build_cmd.build)
 
 
 _register()
