@@ -33,7 +33,11 @@ from graphopt.passes.channels.handlers.layout import (
     TransposeHandler,
 )
 from graphopt.passes.channels.handlers.linear import GemmHandler, MatMulHandler
-from graphopt.passes.channels.handlers.norm import LayerNormHandler, PerChannelNormHandler
+from graphopt.passes.channels.handlers.norm import (
+    GroupNormHandler,
+    LayerNormHandler,
+    PerChannelNormHandler,
+)
 from graphopt.passes.channels.handlers.quant import QDQHandler
 from graphopt.passes.channels.handlers.reduce import (
     POOL_OPS,
@@ -69,6 +73,7 @@ HANDLERS: dict[str, Handler] = {
     "BatchNormalization": PerChannelNormHandler(),
     "InstanceNormalization": PerChannelNormHandler(),
     "LayerNormalization": LayerNormHandler(),
+    "GroupNormalization": GroupNormHandler(),
     "Gemm": GemmHandler(),
     "MatMul": MatMulHandler(),
     "Concat": ConcatHandler(),

@@ -1,10 +1,11 @@
 """Normalizations: BatchNormalization and InstanceNormalization (per channel, so removing a
 channel leaves the others exact) and LayerNormalization (normalizes over its trailing axes:
 every channel there is one residual stream, and removing channels changes the statistics of
-the others, so such groups are marked lossy)."""
+the others, so such groups are marked lossy), GroupNormalization (whole groups)."""
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 from graphopt.passes.channels.handlers.base import (
@@ -12,6 +13,7 @@ from graphopt.passes.channels.handlers.base import (
     Handler,
     Link,
     Port,
+    Rewriter,
     Visit,
     int_attr,
     normalize_axis,
@@ -90,3 +92,53 @@ class LayerNormHandler(Handler):
                 "mean and variance the others are scaled by"
             )
         return Visit(links=links, lossy=lossy)
+
+
+class GroupNormHandler(Handler):
+    """GroupNormalization(num_groups=G): each group of C/G channels is normalized together,
+    so channels go a whole group at a time (removing all-zero groups leaves the others
+    exact); `num_groups` is rewritten. Scale and bias are per group ([G], opset 18) or per
+    channel ([C], opset 21)."""
+
+    def visit(self, node: ir.Node, port: Port, axis: int, g: GraphView) -> Visit:
+        shape = g.shape(node.inputs[0])
+        groups = int_attr(node, "num_groups", 0)
+        if shape is None or len(shape) < 2 or not isinstance(shape[1], int) or not groups:
+            return refuse(f"the channel count or num_groups of {where(node)} is unknown")
+        channels = shape[1]
+        if channels % groups:
+            return refuse(f"the channels of {where(node)} do not divide into {groups} groups")
+        per = channels // groups
+        params = [("in", i) for i in (1, 2) if i < len(node.inputs) and node.inputs[i] is not None]
+        sizes = [(g.shape(node.inputs[p[1]]) or (None,))[0] for p in params]
+        if any(s not in (groups, channels) for s in sizes):
+            return refuse(f"the scale or bias of {where(node)} has an unexpected shape")
+        activation_ports: list[Port] = [("in", 0), ("out", 0)]
+        c = np.arange(channels)
+        if port in activation_ports:
+            links = [Link(p, axis) for p in activation_ports if p != port]
+            if axis != 1:
+                return Visit(links=links)
+            # the channels of one group are one unit: tie each to its group's first channel
+            links.append(Link(port, 1, pairs=(c, c // per * per)))
+            for p, size in zip(params, sizes, strict=True):
+                links.append(Link(p, 0, pairs=(c, c // per) if size == groups else None))  # type: ignore[arg-type]
+            return Visit(links=links)
+        if axis != 0:
+            return refuse(f"axis {axis} of a parameter of {where(node)}")
+        mine = sizes[params.index(port)]  # type: ignore[arg-type]
+        pairs = (c // per, c) if mine == groups else None
+        links = [Link(p, 1, pairs=pairs) for p in activation_ports]
+        for p, size in zip(params, sizes, strict=True):
+            if p != port:
+                links.append(Link(p, 0, pairs=None if size == mine else (c // per, c)))  # type: ignore[arg-type]
+        return Visit(links=links)
+
+    def rewrite(self, node: ir.Node, rw: Rewriter) -> None:
+        shape = rw.view.shape(node.inputs[0])
+        groups = int_attr(node, "num_groups", 0)
+        assert shape is not None and groups
+        new = rw.new_size(node.inputs[0], 1)
+        if new is not None and new != shape[1]:
+            per = int(shape[1]) // groups  # type: ignore[arg-type]
+            node.attributes["num_groups"] = ir.AttrInt64("num_groups", new // per)
