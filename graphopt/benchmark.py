@@ -158,7 +158,7 @@ class BenchResult:
         if self.requested_device == "auto" and self.provider != CUDA:
             notes.append("CUDA does not work here (checked quietly): ran on the CPU")
         if self.random_data:
-            notes.append("inputs: random data (fine for latency on most models)")
+            notes.append("inputs: random data (pass --data for real samples)")
         if self.repeated:
             sizes = ", ".join(str(b) for b in self.repeated)
             notes.append(f"samples repeated to fill batch {sizes} (the data has fewer)")
