@@ -308,6 +308,19 @@ def _refuse_graph_level(graph: onnx.GraphProto) -> None:
             for a in node.attribute
         ):
             bad.setdefault(node.op_type, []).append(node.name)
+    training_bn = [
+        n.name
+        for n in graph.node
+        if n.op_type == "BatchNormalization"
+        and any(a.name == "training_mode" and a.i for a in n.attribute)
+    ]
+    if training_bn:
+        raise GradientError(
+            "Cannot train this model: BatchNormalization "
+            f"{_describe({'': training_bn}).strip(' ')} runs in training mode (batch "
+            "statistics); only inference mode, with frozen running statistics, is supported.",
+            hint="Export the model in eval mode.",
+        )
     if bad:
         raise GradientError(
             f"Cannot train this model: it contains {_describe(bad)}; control flow "

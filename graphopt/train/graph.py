@@ -124,6 +124,7 @@ class Emitter:
             return self._const_cache[key]
         name = self.fresh("const")
         self.initializers.append(numpy_helper.from_array(array, name))
+        self.consts[name] = array
         self.shapes[name] = tuple(int(d) for d in array.shape)
         if key is not None:
             self._const_cache[key] = name
