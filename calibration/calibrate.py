@@ -315,7 +315,16 @@ class _Run:
             else:  # a constant tensor: its range is that value
                 results[target.name] = _minmax_range(target, seen, settings)
         todo = [t for t in targets if t.name in histograms]
-        for group, batch_size in self._groups(todo, extremes):
+        # In graph order, so that each group's session (cut after its last tensor) runs only
+        # the part of the model it needs.
+        position = {
+            value.name: i
+            for i, node in enumerate(self.model.graph)
+            for value in node.outputs
+            if value.name
+        }
+        ordered = sorted(todo, key=lambda t: position.get(t.name, -1))
+        for group, batch_size in self._groups(ordered, extremes):
 
             def count(_batch: object, values: Mapping[str, np.ndarray], group=group) -> None:
                 for name in group:

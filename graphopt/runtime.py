@@ -216,6 +216,7 @@ def create_session(
     threads: int | None = None,
     extra_outputs: Sequence[str] = (),
     workdir: Path | None = None,
+    only_extra: bool = False,
 ) -> Session:
     """Load a model into ONNX Runtime.
 
@@ -227,6 +228,8 @@ def create_session(
         device: see `resolve_providers`.
         threads: ORT intra-op threads (None: ORT's default).
         extra_outputs: intermediate tensors of the main graph to expose as extra outputs.
+        only_extra: expose only `extra_outputs` and drop the nodes they do not need (ONNX
+            Runtime runs every node of a graph whatever outputs are fetched).
         workdir: a scratch folder, needed for models too big to pass as bytes.
 
     Raises:
@@ -238,7 +241,7 @@ def create_session(
         raise RuntimeFailed(f"threads={threads} must be at least 1.")
     name = _model_name(model)
     if extra_outputs:
-        model = _with_outputs(_as_model(model, name), extra_outputs, name)
+        model = _with_outputs(_as_model(model, name), extra_outputs, name, only=only_extra)
     cleanup: Path | None = None
     source: bytes | str
     if isinstance(model, Model):
@@ -337,8 +340,9 @@ def _parse_proto(data: bytes) -> Any:
         ) from None
 
 
-def _with_outputs(model: Model, names: Sequence[str], name: str) -> Model:
-    """A copy of the model whose graph also outputs the named intermediate tensors.
+def _with_outputs(model: Model, names: Sequence[str], name: str, *, only: bool = False) -> Model:
+    """A copy of the model whose graph also outputs the named intermediate tensors (with
+    `only`, outputs just those, without the nodes they do not need).
 
     The exposed values keep whatever type and shape onnx-ir knows; ORT infers the rest.
     """
@@ -358,10 +362,17 @@ def _with_outputs(model: Model, names: Sequence[str], name: str) -> Model:
             hint="Use names of node outputs, graph inputs or initializers "
             "(`graphopt inspect` lists them).",
         )
+    if only:
+        graph.outputs.clear()
+        existing = set()
     for tensor in names:
         if tensor not in existing:
             graph.outputs.append(values[tensor])
             existing.add(tensor)
+    if only:
+        from onnx_ir.passes import common as ir_passes
+
+        ir_passes.RemoveUnusedNodesPass()(copy.ir)
     return copy
 
 
@@ -405,7 +416,12 @@ def capture(
     """
     names = list(dict.fromkeys(tensor_names))
     session = create_session(
-        model, device=device, threads=threads, extra_outputs=names, workdir=workdir
+        model,
+        device=device,
+        threads=threads,
+        extra_outputs=names,
+        workdir=workdir,
+        only_extra=True,
     )
     for batch, values in run_dataset(
         session, dataset, batch_size=batch_size, outputs=names, description="capturing"
