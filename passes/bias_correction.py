@@ -48,6 +48,7 @@ from graphopt.context import Context
 from graphopt.model import Model
 from graphopt.passes import channel_stats
 from graphopt.passes.base import Pass, PassResult, option, register_pass
+from graphopt.passes.conv_geometry import conv_geometry
 from graphopt.passes.quantize import qparams
 from graphopt.passes.quantize.graphutil import (
     NameSource,
@@ -321,7 +322,7 @@ def _tap_means(
     if node.op_type != "Conv" or mean is None or mean.ndim != w.ndim - 1:
         return None
     spatial, kernel = mean.shape[1:], w.shape[2:]
-    geometry = _conv_geometry(node, spatial, kernel)
+    geometry = conv_geometry(node, spatial, kernel)
     if geometry is None:
         return None
     begins, ends, strides, dilations = geometry
@@ -344,40 +345,6 @@ def _tap_means(
         )
         taps.append(padded[(slice(None), *index)].reshape(mean.shape[0], -1).mean(axis=1))
     return np.stack(taps, axis=1)
-
-
-def _conv_geometry(
-    node: ir.Node, spatial: tuple[int, ...], kernel: tuple[int, ...]
-) -> tuple[list[int], list[int], list[int], list[int]] | None:
-    """(pads at the start, pads at the end, strides, dilations) per spatial axis, or None."""
-    rank = len(spatial)
-
-    def ints(name: str, default: list[int]) -> list[int] | None:
-        attr = node.attributes.get(name)
-        if attr is None:
-            return default
-        if attr.is_ref() or attr.type != ir.AttributeType.INTS:
-            return None
-        return list(attr.as_ints())
-
-    strides, dilations = ints("strides", [1] * rank), ints("dilations", [1] * rank)
-    pads = ints("pads", [0] * 2 * rank)
-    auto_pad = node.attributes.get("auto_pad")
-    mode = "NOTSET" if auto_pad is None or auto_pad.is_ref() else auto_pad.as_string()
-    if strides is None or dilations is None or pads is None or len(pads) != 2 * rank:
-        return None
-    if mode == "VALID":
-        pads = [0] * 2 * rank
-    elif mode in ("SAME_UPPER", "SAME_LOWER"):
-        pads = [0] * 2 * rank
-        for i, (size, k, s, d) in enumerate(zip(spatial, kernel, strides, dilations, strict=True)):
-            out = -(-size // s)
-            total = max((out - 1) * s + d * (k - 1) + 1 - size, 0)
-            small, large = total // 2, total - total // 2
-            pads[i], pads[i + rank] = (small, large) if mode == "SAME_UPPER" else (large, small)
-    elif mode != "NOTSET":
-        return None
-    return pads[:rank], pads[rank:], strides, dilations
 
 
 def _subtract(target: _Target, shift: np.ndarray, names: NameSource) -> int:

@@ -32,6 +32,7 @@ import onnx_ir as ir
 from graphopt.context import Context
 from graphopt.model import Model
 from graphopt.passes import channel_stats
+from graphopt.passes.conv_geometry import conv_geometry
 from graphopt.passes.prune.targets import Reader, Target
 from graphopt.passes.quantize.graphutil import NameSource, plain_attr
 
@@ -133,7 +134,7 @@ def _conv_energy(
     kernel = tuple(view_shape[2:])
     if mean is None or mean.ndim != len(view_shape) - 1:
         return None
-    geometry = _conv_geometry(node, mean.shape[1:], kernel)
+    geometry = conv_geometry(node, mean.shape[1:], kernel)
     if geometry is None:
         return None
     begins, ends, strides, dilations = geometry
@@ -161,36 +162,3 @@ def _conv_energy(
         return None
     group_of = np.arange(k) // max(k // groups, 1)
     return taps.reshape(groups, per_group, *kernel)[group_of]
-
-
-def _conv_geometry(
-    node: ir.Node, spatial: tuple[int, ...], kernel: tuple[int, ...]
-) -> tuple[list[int], list[int], list[int], list[int]] | None:
-    """(pads before, pads after, strides, dilations) per spatial axis, auto_pad resolved."""
-    rank = len(spatial)
-
-    def ints(name: str, default: list[int]) -> list[int] | None:
-        attr = node.attributes.get(name)
-        if attr is None:
-            return default
-        if attr.is_ref() or attr.type != ir.AttributeType.INTS:
-            return None
-        return list(attr.as_ints())
-
-    strides, dilations = ints("strides", [1] * rank), ints("dilations", [1] * rank)
-    pads = ints("pads", [0] * 2 * rank)
-    auto_pad = node.attributes.get("auto_pad")
-    mode = "NOTSET" if auto_pad is None or auto_pad.is_ref() else auto_pad.as_string()
-    if strides is None or dilations is None or pads is None or len(pads) != 2 * rank:
-        return None
-    if mode == "VALID":
-        pads = [0] * 2 * rank
-    elif mode in ("SAME_UPPER", "SAME_LOWER"):
-        pads = [0] * 2 * rank
-        for i, (size, k, s, d) in enumerate(zip(spatial, kernel, strides, dilations, strict=True)):
-            total = max((-(-size // s) - 1) * s + d * (k - 1) + 1 - size, 0)
-            small, large = total // 2, total - total // 2
-            pads[i], pads[i + rank] = (small, large) if mode == "SAME_UPPER" else (large, small)
-    elif mode != "NOTSET":
-        return None
-    return pads[:rank], pads[rank:], strides, dilations
