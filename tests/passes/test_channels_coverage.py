@@ -170,10 +170,10 @@ def test_removing_dead_channels_is_exact(name: str) -> None:
     """As test_channels_exact, on the exported corpus: zero about a third of the channels of
     every prunable, non-normalized group, remove exactly those, same outputs."""
     from graphopt.passes.channels import remove_channels
-    from tests.passes.test_channels_exact import _kill
+    from tests.passes.channels_check import kill
 
     model = Model(ir=ir.serde.deserialize_model(onnx.load_from_string(_cleaned(name))))
-    removal = _kill(model)
+    removal = kill(model)
     assert removal
     feeds = _feeds(name)
     reference = _run(model.to_proto().SerializeToString(), feeds)

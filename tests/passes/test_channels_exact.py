@@ -19,10 +19,9 @@ import pytest
 from graphopt.analysis import analyze as model_stats
 from graphopt.model import Model
 from graphopt.passes.channels import analyze_model, remove_channels
-from graphopt.passes.channels.groups import Group
-from graphopt.passes.channels.handlers.base import replace_constant
 from tests import models
 from tests.passes import channels_nets as nets
+from tests.passes.channels_check import dead_channels, kill
 
 
 def _run(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -34,42 +33,9 @@ def _run(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarra
     return session.run(None, feeds)
 
 
-def _dead_channels(group: Group) -> np.ndarray:
-    """About a third of the channels, the same number in every conv group."""
-    if group.block_of is None:
-        return np.arange(0, group.channels, 3)[: max(group.channels - 1, 1)]
-    out = []
-    for b in np.unique(group.block_of):
-        members = np.nonzero(group.block_of == b)[0]
-        out.append(members[::3][: len(members) - 1])
-    return np.concatenate(out)
-
-
-def _kill(model: Model) -> dict[int, np.ndarray]:
-    """Zero what the chosen channels own; the removal that must then be exact."""
-    analysis = analyze_model(model)
-    removal: dict[int, np.ndarray] = {}
-    arrays: dict[int, tuple[ir.Value, np.ndarray]] = {}
-    for group in analysis.prunable():
-        if group.lossy or group.channels < 2:
-            continue
-        dead = _dead_channels(group)
-        removal[group.id] = dead
-        for slot, index in group.members.items():
-            if not slot.is_constant or slot.consumers:
-                continue
-            value = slot.value
-            _, array = arrays.setdefault(id(value), (value, analysis.view.array(value).copy()))
-            moved = np.moveaxis(array, slot.axis, 0)
-            moved[index[dead].reshape(-1)] = 0
-    for value, array in arrays.values():
-        replace_constant(value, array)
-    return removal
-
-
 def _check_exact(proto: onnx.ModelProto, *, min_groups: int = 1) -> dict[str, object]:
     model = Model(ir=ir.serde.deserialize_model(proto))
-    removal = _kill(model)
+    removal = kill(model)
     assert len(removal) >= min_groups
     dead = model.to_proto()
     feeds = models.feeds(proto)
@@ -118,7 +84,7 @@ def test_removing_live_channels_changes_outputs() -> None:
     group = analyze_model(model).prunable()[0]
     feeds = models.feeds(proto)
     reference = _run(proto, feeds)
-    remove_channels(model, {group.id: _dead_channels(group)})
+    remove_channels(model, {group.id: dead_channels(group)})
     outputs = _run(model.to_proto(), feeds)
     assert not np.allclose(reference[0], outputs[0], rtol=1e-3, atol=1e-4)
 
