@@ -96,6 +96,10 @@ def _vi(name: str, shape: Sequence[int | str], elem_type: int = FLOAT) -> onnx.V
     return helper.make_tensor_value_info(name, elem_type, list(shape))
 
 
+#: A graph input/output description (float32 unless told), for tests building their own models.
+value_info = _vi
+
+
 def conv_bn(
     *,
     groups: int = 1,

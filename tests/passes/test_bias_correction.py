@@ -16,7 +16,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from graphopt.cli import main
 from graphopt.context import Context
@@ -26,26 +26,19 @@ from graphopt.model import Model
 from graphopt.passes.base import PassResult
 from graphopt.passes.bias_correction import MARK, BiasCorrectionOptions, BiasCorrectionPass
 from graphopt.passes.quantize import QuantizeOptions, QuantizePass, qparams
+from tests import models
 
 # ---------------------------------------------------------------------------- models
 
 
 def _model(nodes, inputs, outputs, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
-    graph = helper.make_graph(
-        nodes,
-        "bc",
-        inputs,
-        outputs,
-        [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in weights.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    initializers = [
+        numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in weights.items()
+    ]
+    return models.make_model(nodes, inputs, outputs, initializers, name="bc")
 
 
-def _vi(name: str, shape: list) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+_vi = models.value_info
 
 
 def conv(

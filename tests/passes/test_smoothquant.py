@@ -14,7 +14,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from graphopt.cli import main
 from graphopt.context import Context
@@ -30,21 +30,13 @@ from tests import models
 
 
 def _model(nodes, inputs, outputs, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
-    graph = helper.make_graph(
-        nodes,
-        "sq",
-        inputs,
-        outputs,
-        [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in weights.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    initializers = [
+        numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in weights.items()
+    ]
+    return models.make_model(nodes, inputs, outputs, initializers, name="sq")
 
 
-def _vi(name: str, shape: list) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+_vi = models.value_info
 
 
 def _rng_weights(seed: int, **shapes: tuple[int, ...]) -> dict[str, np.ndarray]:
