@@ -296,6 +296,32 @@ def mse_bins(
     return int(np.argmin(errors)) + 1
 
 
+def _mse_setup(
+    counts: np.ndarray, top_position: float | None
+) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+    """(counts as float64, with the last bin moved to the point mass when `top_position` is
+    given; that point mass; bin indices j = 0..n-1; candidates k = 1..n)."""
+    c = np.asarray(counts, dtype=np.float64).copy()
+    n = c.size
+    if n < 1:
+        raise ValueError("The mse method needs at least one bin.")
+    point_mass = 0.0
+    if top_position is not None:
+        point_mass, c[-1] = c[-1], 0.0
+    return c, point_mass, np.arange(n, dtype=np.float64), np.arange(1, n + 1, dtype=np.float64)
+
+
+def _clipping_errors(c: np.ndarray, j: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Clipping error for each threshold k: bins j >= k give c_j * ((j - k)^2 + (j - k) + 1/3),
+    from suffix sums of c, c*j and c*j^2 (the same for every number grid)."""
+
+    def suffix(values: np.ndarray) -> np.ndarray:
+        return np.concatenate((np.cumsum(values[::-1])[::-1], [0.0]))[1:]  # sum over j >= k
+
+    s0, s1, s2 = suffix(c), suffix(c * j), suffix(c * j * j)
+    return s2 - (2 * k - 1) * s1 + (k * k - k + 1.0 / 3.0) * s0
+
+
 def mse_errors(
     counts: np.ndarray, qmax: int = INT8_QMAX, *, top_position: float | None = None
 ) -> np.ndarray:
@@ -319,23 +345,10 @@ def mse_errors(
     Raises:
         ValueError: no bins.
     """
-    c = np.asarray(counts, dtype=np.float64).copy()
+    c, point_mass, j, k = _mse_setup(counts, top_position)
     n = c.size
-    if n < 1:
-        raise ValueError("The mse method needs at least one bin.")
-    point_mass = 0.0
-    if top_position is not None:
-        point_mass, c[-1] = c[-1], 0.0
-    j = np.arange(n, dtype=np.float64)
-    k = np.arange(1, n + 1, dtype=np.float64)
     step = k / qmax
-
-    # Clipping: bins j >= k give c_j * ((j - k)^2 + (j - k) + 1/3).
-    def suffix(values: np.ndarray) -> np.ndarray:
-        return np.concatenate((np.cumsum(values[::-1])[::-1], [0.0]))[1:]  # sum over j >= k
-
-    s0, s1, s2 = suffix(c), suffix(c * j), suffix(c * j * j)
-    clipping = s2 - (2 * k - 1) * s1 + (k * k - k + 1.0 / 3.0) * s0
+    clipping = _clipping_errors(c, j, k)
 
     # Rounding: bins j < k.
     below = np.cumsum(c)  # sum over j < k of c_j, for k = 1..n
@@ -378,22 +391,10 @@ def mse_errors_fp8(counts: np.ndarray, *, top_position: float | None = None) -> 
     Raises:
         ValueError: no bins.
     """
-    c = np.asarray(counts, dtype=np.float64).copy()
+    c, point_mass, j, k = _mse_setup(counts, top_position)
     n = c.size
-    if n < 1:
-        raise ValueError("The mse method needs at least one bin.")
-    point_mass = 0.0
-    if top_position is not None:
-        point_mass, c[-1] = c[-1], 0.0
-    j = np.arange(n, dtype=np.float64)
-    k = np.arange(1, n + 1, dtype=np.float64)
     scale = k / FP8_MAX
-
-    def suffix(values: np.ndarray) -> np.ndarray:
-        return np.concatenate((np.cumsum(values[::-1])[::-1], [0.0]))[1:]
-
-    s0, s1, s2 = suffix(c), suffix(c * j), suffix(c * j * j)
-    clipping = s2 - (2 * k - 1) * s1 + (k * k - k + 1.0 / 3.0) * s0
+    clipping = _clipping_errors(c, j, k)
 
     # G at the threshold itself: scale^3 G_1(448).
     rounding = c * scale**3 * float(fp8_rounding_integral(np.array([FP8_MAX]))[0])
