@@ -296,16 +296,23 @@ def frozen_reshape_spec(node: ir.Node, g: GraphView, sizes: dict[int, int]) -> l
     return spec
 
 
-def freeze_reshape(node: ir.Node, g: GraphView, rw: Rewriter | None) -> str | None:
-    """Check (rw None) or make (rw given) the Reshape's computed target a constant."""
-    if g.ints(node.inputs[1]) is not None:
-        return None
+def _new_sizes(node: ir.Node, g: GraphView, rw: Rewriter | None) -> dict[int, int]:
+    """Axis -> new size, for the axes of the node's output that lose channels (empty when
+    only checking)."""
     sizes: dict[int, int] = {}
     if rw is not None:
         out = node.outputs[0]
         for k in range(len(g.shape(out) or ())):
             if len(rw.removed(out, k)):
                 sizes[k] = rw.new_size(out, k)  # type: ignore[assignment]
+    return sizes
+
+
+def freeze_reshape(node: ir.Node, g: GraphView, rw: Rewriter | None) -> str | None:
+    """Check (rw None) or make (rw given) the Reshape's computed target a constant."""
+    if g.ints(node.inputs[1]) is not None:
+        return None
+    sizes = _new_sizes(node, g, rw)
     spec = frozen_reshape_spec(node, g, sizes)
     if isinstance(spec, str):
         return spec
@@ -357,12 +364,7 @@ def _expand_spec(node: ir.Node, g: GraphView, sizes: dict[int, int]) -> list[int
 
 def freeze_expand(node: ir.Node, g: GraphView, rw: Rewriter | None) -> str | None:
     """Check (rw None) or make (rw given) the Expand's target a constant."""
-    sizes: dict[int, int] = {}
-    if rw is not None:
-        out = node.outputs[0]
-        for k in range(len(g.shape(out) or ())):
-            if len(rw.removed(out, k)):
-                sizes[k] = rw.new_size(out, k)  # type: ignore[assignment]
+    sizes = _new_sizes(node, g, rw)
     spec = _expand_spec(node, g, sizes)
     if isinstance(spec, str):
         return spec
