@@ -48,7 +48,7 @@ from graphopt.context import Context
 from graphopt.model import Model
 from graphopt.passes import channel_stats
 from graphopt.passes.base import Pass, PassResult, option, register_pass
-from graphopt.passes.conv_geometry import conv_geometry
+from graphopt.passes.conv_geometry import window_means
 from graphopt.passes.quantize import qparams
 from graphopt.passes.quantize.graphutil import (
     NameSource,
@@ -321,30 +321,8 @@ def _tap_means(
     mean = stats.sample_mean
     if node.op_type != "Conv" or mean is None or mean.ndim != w.ndim - 1:
         return None
-    spatial, kernel = mean.shape[1:], w.shape[2:]
-    geometry = conv_geometry(node, spatial, kernel)
-    if geometry is None:
-        return None
-    begins, ends, strides, dilations = geometry
-    padded = np.pad(mean, [(0, 0), *zip(begins, ends, strict=True)])
-    outs = [
-        (size + b + e - d * (k - 1) - 1) // s + 1
-        for size, b, e, d, k, s in zip(
-            spatial, begins, ends, dilations, kernel, strides, strict=True
-        )
-    ]
-    if min(outs) < 1:
-        return None
-    taps = []
-    for offset in np.ndindex(*kernel):
-        index = np.ix_(
-            *(
-                np.arange(n) * s + d * o
-                for n, s, d, o in zip(outs, strides, dilations, offset, strict=True)
-            )
-        )
-        taps.append(padded[(slice(None), *index)].reshape(mean.shape[0], -1).mean(axis=1))
-    return np.stack(taps, axis=1)
+    taps = window_means(node, mean, tuple(w.shape[2:]))
+    return None if taps is None else taps.reshape(mean.shape[0], -1)
 
 
 def _subtract(target: _Target, shift: np.ndarray, names: NameSource) -> int:

@@ -3,6 +3,7 @@ input norms in `prune`, the per-tap input means of `bias-correction`)."""
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 
@@ -37,3 +38,34 @@ def conv_geometry(
     elif mode != "NOTSET":
         return None
     return pads[:rank], pads[rank:], strides, dilations
+
+
+def window_means(node: ir.Node, mean: np.ndarray, kernel: tuple[int, ...]) -> np.ndarray | None:
+    """[C, *kernel]: for every input channel c and kernel tap, the mean of the zero-padded map
+    `mean[c]` ([C, *spatial], e.g. a per-sample mean or mean square) over the output positions
+    that tap reads (the im2col column of that weight). None when the Conv's attributes are
+    not plain or it has no output position."""
+    spatial = tuple(mean.shape[1:])
+    geometry = conv_geometry(node, spatial, kernel)
+    if geometry is None:
+        return None
+    begins, ends, strides, dilations = geometry
+    padded = np.pad(mean, [(0, 0), *zip(begins, ends, strict=True)])
+    outs = [
+        (size + b + e - d * (k - 1) - 1) // s + 1
+        for size, b, e, d, k, s in zip(
+            spatial, begins, ends, dilations, kernel, strides, strict=True
+        )
+    ]
+    if min(outs) < 1:
+        return None
+    taps = np.empty((mean.shape[0], *kernel))
+    for offset in np.ndindex(*kernel):
+        window = tuple(
+            slice(d * o, d * o + s * (n - 1) + 1, s)
+            for n, s, d, o in zip(outs, strides, dilations, offset, strict=True)
+        )
+        taps[(slice(None), *offset)] = (
+            padded[(slice(None), *window)].reshape(mean.shape[0], -1).mean(axis=1)
+        )
+    return taps

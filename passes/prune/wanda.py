@@ -32,7 +32,7 @@ import onnx_ir as ir
 from graphopt.context import Context
 from graphopt.model import Model
 from graphopt.passes import channel_stats
-from graphopt.passes.conv_geometry import conv_geometry
+from graphopt.passes.conv_geometry import window_means
 from graphopt.passes.prune.targets import Reader, Target
 from graphopt.passes.quantize.graphutil import NameSource, plain_attr
 
@@ -134,28 +134,9 @@ def _conv_energy(
     kernel = tuple(view_shape[2:])
     if mean is None or mean.ndim != len(view_shape) - 1:
         return None
-    geometry = conv_geometry(node, mean.shape[1:], kernel)
-    if geometry is None:
+    taps = window_means(node, mean, kernel)
+    if taps is None:
         return None
-    begins, ends, strides, dilations = geometry
-    padded = np.pad(mean, [(0, 0), *zip(begins, ends, strict=True)])
-    outs = [
-        (size + b + e - d * (k - 1) - 1) // s + 1
-        for size, b, e, d, k, s in zip(
-            mean.shape[1:], begins, ends, dilations, kernel, strides, strict=True
-        )
-    ]
-    if min(outs) < 1:
-        return None
-    taps = np.empty((mean.shape[0], *kernel))
-    for offset in np.ndindex(*kernel):
-        window = tuple(
-            slice(d * o, d * o + s * (n - 1) + 1, s)
-            for n, s, d, o in zip(outs, strides, dilations, offset, strict=True)
-        )
-        taps[(slice(None), *offset)] = (
-            padded[(slice(None), *window)].reshape(mean.shape[0], -1).mean(axis=1)
-        )
     k, per_group = view_shape[0], view_shape[1]
     groups = int(plain_attr(node, "group", 1) or 1)
     if groups * per_group != mean.shape[0]:
