@@ -135,10 +135,20 @@ def compare_layers(
     for number, group in enumerate(groups, start=1):
         names = [tensor for tensor, _, _ in group]
         ref_session = create_session(
-            ref_model, device=device, threads=threads, extra_outputs=names, workdir=workdir
+            ref_model,
+            device=device,
+            threads=threads,
+            extra_outputs=names,
+            workdir=workdir,
+            only_extra=True,
         )
         cand_session = create_session(
-            cand_model, device=device, threads=threads, extra_outputs=names, workdir=workdir
+            cand_model,
+            device=device,
+            threads=threads,
+            extra_outputs=names,
+            workdir=workdir,
+            only_extra=True,
         )
         accumulator = FidelityAccumulator(names)
         batches = track(
