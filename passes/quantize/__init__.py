@@ -282,7 +282,10 @@ class QuantizePass(Pass[QuantizeOptions]):
             forget_inferred()  # leave the model exactly as it came
             return PassResult(modified=False, stats=stats, warnings=warnings)
         if opts.budget.active:
-            return self._within_budget(model, ctx, measured, forbidden, raise_from, warnings)
+            result = self._within_budget(model, ctx, measured, forbidden, raise_from, warnings)
+            if not result.modified:
+                forget_inferred()  # nothing met the budget: the model stays as it came
+            return result
         self._apply(model, plan, measured, raise_from, stats)
         return PassResult(modified=True, stats=stats, warnings=warnings)
 

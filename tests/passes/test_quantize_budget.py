@@ -165,6 +165,11 @@ def test_unreachable_budget_leaves_the_model_in_float_and_says_so(tmp_path: Path
     assert len(result.stats["budget"]["evaluations"]) <= 4  # the first, then 3 at most
     assert any("accuracy budget" in w for w in result.warnings)
     assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph)
+    # Exactly as it came: no inferred types or shapes left on intermediate values.
+    assert (
+        model.to_proto().SerializeToString()
+        == Model(ir=ir.from_proto(proto)).to_proto().SerializeToString()
+    )
 
 
 def test_budget_evaluations_are_bounded(tmp_path: Path) -> None:
