@@ -58,7 +58,7 @@ def _between(op_builder) -> Model:
         (lambda n, h: n.op("Softmax", [h], axis=1), "normalizes over the channel axis"),
         (
             lambda n, h: (
-                n.op("ReduceMean", [h], axes=[1], keepdims=1)
+                n.op("ReduceMax", [h], axes=[1], keepdims=1)
                 and n.op("Mul", [h, n.nodes[-1].output[0]])
             ),
             "reduces over the channel axis",

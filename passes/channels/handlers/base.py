@@ -186,18 +186,39 @@ class Rewriter:
     def kept(self, value: ir.Value | None, axis: int, size: int) -> np.ndarray:
         return np.setdiff1d(np.arange(size), self.removed(value, axis))
 
-    def set_input(self, node: ir.Node, index: int, array: np.ndarray, base: str) -> None:
-        """Give `node` a new constant at input `index` (the old one may be shared)."""
+    def _fresh(self, base: str) -> str:
         name, i = f"{base}_channels", 1
         while name in self._taken:
             i += 1
             name = f"{base}_channels_{i}"
         self._taken.add(name)
+        return name
+
+    def _initializer(self, array: np.ndarray, base: str) -> ir.Value:
+        name = self._fresh(base)
         array = _contiguous(array)
         value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
         value.shape = ir.Shape(array.shape)
         value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
         self.graph.register_initializer(value)
+        return value
+
+    def scale_output(self, node: ir.Node, factor: float) -> None:
+        """Multiply `node`'s first output by `factor` for every reader (a new Mul after
+        it); a graph output keeps its name."""
+        out = node.outputs[0]
+        dtype = _dtype(out)
+        base = out.name or node.name or node.op_type
+        scale = self._initializer(np.array(factor, dtype=dtype.numpy()), f"{base}_scale")
+        scaled = ir.Value(name=self._fresh(base), shape=out.shape, type=out.type)
+        if out.is_graph_output():
+            out.name, scaled.name = scaled.name, out.name
+        out.replace_all_uses_with(scaled, replace_graph_outputs=True)
+        self.graph.insert_after(node, ir.node("Mul", [out, scale], outputs=[scaled]))
+
+    def set_input(self, node: ir.Node, index: int, array: np.ndarray, base: str) -> None:
+        """Give `node` a new constant at input `index` (the old one may be shared)."""
+        value = self._initializer(array, base)
         old = node.inputs[index]
         node.replace_input_with(index, value)
         if (
@@ -221,6 +242,22 @@ class Handler:
         """Rewrite attributes and count-encoding constants after channels were removed.
         Constant slots (weights, biases, per-channel parameters) are sliced generically."""
         del node, rw
+
+
+def _dtype(value: ir.Value) -> ir.DataType:
+    """The element type of a float value: declared, else that of the first input up the
+    chain of producers (a Cast's `to`); intermediate values often carry no type."""
+    seen: ir.Value | None = value
+    while seen is not None:
+        if seen.dtype is not None:
+            return seen.dtype
+        producer = seen.producer()
+        if producer is None or not producer.inputs:
+            break
+        if producer.op_type == "Cast" and "to" in producer.attributes:
+            return ir.DataType(producer.attributes["to"].as_int())
+        seen = producer.inputs[0]
+    raise ValueError(f"the element type of '{value.name}' is unknown")
 
 
 def normalize_axis(axis: int, rank: int) -> int | None:
