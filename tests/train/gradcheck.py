@@ -5,6 +5,7 @@ with directional finite differences, PyTorch autograd, and the float32 run on ON
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -110,12 +111,32 @@ class ConvTranspose(OpRun):
         return (out,)
 
 
+class Erf(OpRun):
+    """onnx 1.23's reference Erf rounds through float32; this one keeps the input's dtype."""
+
+    def _run(self, x):
+        return (np.vectorize(math.erf, otypes=[x.dtype])(x),)
+
+
+class Gelu(OpRun):
+    """Gelu in the input's dtype (onnx 1.23 expands its function body, whose Erf rounds
+    through float32); the tanh form keeps ONNX's float32 constants."""
+
+    def _run(self, x, approximate="none"):
+        if approximate == "tanh":
+            k, c = np.float32(0.044715), np.float32(math.sqrt(2 / math.pi))
+            inner = x.dtype.type(c) * (x + x.dtype.type(k) * x**3)
+            return ((0.5 * x * (1 + np.tanh(inner))).astype(x.dtype),)
+        cdf = 0.5 * (1 + np.vectorize(math.erf, otypes=[x.dtype])(x / math.sqrt(2)))
+        return ((x * cdf).astype(x.dtype),)
+
+
 class Reference:
     """Runs a training graph in float64 with onnx.reference."""
 
     def __init__(self, graph: TrainingGraph) -> None:
         self.graph = graph
-        self.evaluator = ReferenceEvaluator(graph.proto, new_ops=[ConvTranspose])
+        self.evaluator = ReferenceEvaluator(graph.proto, new_ops=[ConvTranspose, Erf, Gelu])
 
     def run(self, feeds: Mapping[str, np.ndarray], params: Mapping[str, np.ndarray]):
         names = [self.graph.loss, *self.graph.gradients.values()]

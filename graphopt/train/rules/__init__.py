@@ -46,10 +46,11 @@ from graphopt.train.rules import (  # noqa: E402  (the modules register into RUL
     conv,
     elementwise,
     linear,
+    math,
     norm,
     reduce,
     shape,
 )
 
 __all__ = ["DIFFERENTIABLE", "RULES", "Rule", "differentiable", "rule"]
-_MODULES = (conv, elementwise, linear, norm, reduce, shape)
+_MODULES = (conv, elementwise, linear, math, norm, reduce, shape)
