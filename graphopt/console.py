@@ -7,6 +7,7 @@ through `err`, so `graphopt inspect --json > stats.json` stays clean.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 from rich.console import Console
@@ -14,6 +15,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -36,18 +38,43 @@ def track(items: Iterable[T], *, total: int | None, description: str) -> Iterato
     if not err.is_terminal:
         yield from items
         return
-    columns = [
+    with Progress(*_columns(), console=err, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        for item in items:
+            yield item
+            bar.advance(task)
+
+
+class Bar:
+    """A progress bar a loop advances by hand, e.g. to show a running loss."""
+
+    def __init__(self, progress: Progress | None, task: int | None) -> None:
+        self._progress = progress
+        self._task = task
+
+    def advance(self, description: str | None = None) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, advance=1, description=description)
+
+
+@contextmanager
+def progress(total: int | None, description: str) -> Iterator[Bar]:
+    """A `Bar` on stderr for `total` steps (silent when stderr is not a terminal)."""
+    if not err.is_terminal:
+        yield Bar(None, None)
+        return
+    with Progress(*_columns(), console=err, transient=True) as bar:
+        yield Bar(bar, bar.add_task(description, total=total))
+
+
+def _columns() -> list[ProgressColumn]:
+    return [
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     ]
-    with Progress(*columns, console=err, transient=True) as progress:
-        task = progress.add_task(description, total=total)
-        for item in items:
-            yield item
-            progress.advance(task)
 
 
 def warn(message: str) -> None:

@@ -11,6 +11,8 @@ if TYPE_CHECKING:
     import numpy as np
 
     from graphopt.data import Dataset
+    from graphopt.model import Model
+    from graphopt.passes.distill.teacher import TeacherSpec
 
     Metric = Callable[[Mapping[str, np.ndarray], np.ndarray], float]
 
@@ -31,6 +33,10 @@ class Context:
         workdir: a scratch folder that lives as long as the run.
         metric: the user's accuracy metric `fn(outputs, labels) -> float` (batch mean), or
             None for top-1 accuracy; passes with an accuracy budget measure with it.
+        teacher: where `distill` gets the teacher's logits (a logits file or a teacher
+            model); None: the original model.
+        original: the model before the pipeline's first pass (its file, or a copy), set by
+            the pipeline; `distill`'s default teacher.
     """
 
     workdir: Path
@@ -41,3 +47,5 @@ class Context:
     batch_size: int = 32
     seed: int = 0
     metric: Metric | None = None
+    teacher: TeacherSpec | None = None
+    original: Model | Path | None = None

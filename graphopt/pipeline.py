@@ -75,6 +75,8 @@ def run_pipeline(
     if metric is None:
         metric = ctx.metric
     reference: Model | Path = model.path if model.path is not None else model.copy()
+    if ctx.original is None:
+        ctx.original = reference
     full_check = _passes_full_check(model)
     original = StepRecord(name="original", seconds=0.0, modified=False, model_stats=analyze(model))
     steps = [original]

@@ -8,6 +8,7 @@ BUILTIN_PASS_MODULES: tuple[str, ...] = (
     "bias_correction",
     "channels",
     "cleanup",
+    "distill",
     "graphsurgeon",
     "prune",
     "quantize",

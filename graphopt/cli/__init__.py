@@ -35,6 +35,7 @@ def _register() -> None:
     from graphopt.cli import (
         bench_cmd,
         build_cmd,
+        distill_cmd,
         inspect_cmd,
         optimize,
         passes_cmd,
@@ -49,6 +50,8 @@ def _register() -> None:
     main.add_command(bench_cmd.bench)
     main.add_command(triton_cmd.export_triton)
     main.add_command(build_cmd.build)
+    main.add_command(distill_cmd.distill)
+    main.add_command(distill_cmd.export_logits)
 
 
 _register()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -14,6 +15,7 @@ from graphopt.cli.options import (
     gate_option,
     parse_gate_args,
     runtime_options,
+    teacher_options,
 )
 
 
@@ -43,6 +45,7 @@ from graphopt.cli.options import (
     help="Validation data (.npz with labels for accuracy); the result is compared with the original on it.",
 )
 @data_options
+@teacher_options
 @runtime_options
 @click.option(
     "-o",
@@ -71,6 +74,7 @@ def optimize(
     data_source: str | None,
     val_source: str | None,
     data_reader: DataReader,
+    teacher: Any,
     device: str,
     threads: int | None,
     batch_size: int,
@@ -138,6 +142,7 @@ def optimize(
             batch_size=batch_size,
             seed=seed,
             metric=metric_fn,
+            teacher=teacher,
         )
         report.result = result = run_pipeline(model, resolved, ctx, on_step=_show_step)
         if latency_runs > 0:

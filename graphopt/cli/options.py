@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -131,3 +132,42 @@ def parse_gate_args(items: Sequence[str]) -> dict[str, float]:
                 f"'--gate {item}' is not KEY=NUMBER.", hint="Write e.g. --gate min_cosine=0.999."
             ) from None
     return values
+
+
+def teacher_options(fn: F) -> F:
+    """--teacher, --teacher-logits, handed to the command as one `teacher` (or None)."""
+
+    @functools.wraps(fn)
+    def command(
+        *args: Any, teacher_model: Path | None, teacher_logits: Path | None, **kwargs: Any
+    ) -> Any:
+        from graphopt.passes.distill import TeacherSpec
+
+        if teacher_model is not None and teacher_logits is not None:
+            raise RecipeError(
+                "Give --teacher or --teacher-logits, not both.",
+                hint="--teacher runs a teacher model on the data; --teacher-logits reads "
+                "logits you exported.",
+            )
+        teacher = None
+        if teacher_model is not None or teacher_logits is not None:
+            teacher = TeacherSpec(logits=teacher_logits, model=teacher_model)
+        return fn(*args, teacher=teacher, **kwargs)
+
+    decorated: Any = click.option(
+        "--teacher-logits",
+        type=click.Path(path_type=Path),
+        default=None,
+        metavar="FILE",
+        help="The teacher's logits for the --data samples, in order (.npy, or .npz by output "
+        "name), for the distill pass.",
+    )(command)
+    decorated = click.option(
+        "--teacher",
+        "teacher_model",
+        type=click.Path(path_type=Path),
+        default=None,
+        metavar="MODEL",
+        help="A teacher ONNX model for the distill pass (default: the original model).",
+    )(decorated)
+    return decorated
