@@ -51,7 +51,24 @@ def op_model(
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     proto.ir_version = 9
+    _declare_uninferred_shapes(proto)
     return model_from_proto(proto)
+
+
+def _declare_uninferred_shapes(proto: onnx.ModelProto) -> None:
+    """Declare the output shapes ONNX shape inference does not find (GroupNormalization's,
+    LayerNormalization's Mean/InvStdDev), from one reference run, so the loss can read them."""
+    inferred = onnx.shape_inference.infer_shapes(proto).graph.output
+    missing = [v.name for v in inferred if not v.type.tensor_type.HasField("shape")]
+    if not missing:
+        return
+    evaluator = ReferenceEvaluator(proto, new_ops=REFERENCE_OPS)
+    values = dict(zip(missing, evaluator.run(missing, {}), strict=True))
+    for v in proto.graph.output:
+        if v.name in values:
+            shape = v.type.tensor_type.shape
+            for d in values[v.name].shape:
+                shape.dim.add().dim_value = int(d)
 
 
 def cast_model(model: Model, dtype: type) -> Model:
@@ -131,12 +148,33 @@ class Gelu(OpRun):
         return ((x * cdf).astype(x.dtype),)
 
 
+class GroupNormalization(OpRun):
+    """GroupNormalization in the input's dtype (onnx 1.23's function body computes in float32,
+    stash_type); scale and bias per channel (opset 21) or per group (opset 18) by their size."""
+
+    def _run(self, x, scale, bias, epsilon=1e-5, num_groups=None, stash_type=None):
+        n, c = x.shape[:2]
+        grouped = x.reshape(n, num_groups, -1)
+        mean = grouped.mean(-1, keepdims=True)
+        var = ((grouped - mean) ** 2).mean(-1, keepdims=True)
+        xhat = (grouped - mean) / np.sqrt(var + x.dtype.type(epsilon))
+        if scale.size == c:
+            xhat = xhat.reshape(x.shape)
+            per = (1, c) + (1,) * (x.ndim - 2)
+            return ((xhat * scale.reshape(per) + bias.reshape(per)).astype(x.dtype),)
+        y = xhat * scale.reshape(1, -1, 1) + bias.reshape(1, -1, 1)
+        return (y.reshape(x.shape).astype(x.dtype),)
+
+
+REFERENCE_OPS = [ConvTranspose, Erf, Gelu, GroupNormalization]
+
+
 class Reference:
     """Runs a training graph in float64 with onnx.reference."""
 
     def __init__(self, graph: TrainingGraph) -> None:
         self.graph = graph
-        self.evaluator = ReferenceEvaluator(graph.proto, new_ops=[ConvTranspose, Erf, Gelu])
+        self.evaluator = ReferenceEvaluator(graph.proto, new_ops=REFERENCE_OPS)
 
     def run(self, feeds: Mapping[str, np.ndarray], params: Mapping[str, np.ndarray]):
         names = [self.graph.loss, *self.graph.gradients.values()]

@@ -48,9 +48,10 @@ from graphopt.train.rules import (  # noqa: E402  (the modules register into RUL
     linear,
     math,
     norm,
+    normalization,
     reduce,
     shape,
 )
 
 __all__ = ["DIFFERENTIABLE", "RULES", "Rule", "differentiable", "rule"]
-_MODULES = (conv, elementwise, linear, math, norm, reduce, shape)
+_MODULES = (conv, elementwise, linear, math, norm, normalization, reduce, shape)
