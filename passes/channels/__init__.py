@@ -37,10 +37,11 @@ METADATA_KEY = "channels"
 @dataclass(frozen=True, kw_only=True)
 class ChannelsOptions:
     ratio: float = option(0.3, "fraction of channels removed from each group", range=(0.0, 0.95))
-    importance: Literal["l1", "l2", "bn", "activation"] = option(
+    importance: Literal["l1", "l2", "bn", "activation", "wanda", "taylor"] = option(
         "l2",
-        "how channels are ranked: weight norms (l1, l2), BatchNorm |gamma| (bn), "
-        "or activation RMS on --data (activation)",
+        "how channels are ranked: weight norms (l1, l2), BatchNorm |gamma| (bn), or on --data: "
+        "activation RMS (activation), |W|·‖X‖ of the weights reading them (wanda), "
+        "first-order loss change |Σ w·∂L/∂w| against the data's labels (taylor)",
     )
     round_to: int = option(
         8, "keep channel counts a multiple of this (tensor cores); 1 turns it off", range=(1, None)
@@ -54,7 +55,9 @@ class ChannelsOptions:
     exclude: tuple[str, ...] = option(
         (), "ops whose channels stay: node names, re:<regex> on names, op:<OpType>"
     )
-    samples: int = option(128, "calibration samples for importance=activation", range=(1, None))
+    samples: int = option(
+        128, "calibration samples for importance=activation, wanda and taylor", range=(1, None)
+    )
 
     def __post_init__(self) -> None:
         for pattern in self.exclude:
@@ -143,12 +146,28 @@ class ChannelsPass(Pass[ChannelsOptions]):
     ) -> dict[int, np.ndarray]:
         kind = self.options.importance
         rms: dict[tuple[str, int], np.ndarray] = {}
+        measured: dict[int, np.ndarray] = {}
         if kind == "activation":
             rms = self._activation_rms(model, ctx, groups)
+        elif kind == "wanda":
+            from graphopt.passes import channel_stats
+
+            channel_stats.require_data(ctx, self.name, "to rank channels by importance=wanda")
+            measured, approximate = scorers.wanda(
+                model, ctx, groups, analysis, self.options.samples
+            )
+            if approximate:
+                warnings.append(
+                    f"importance=wanda: the input size of {len(approximate)} Conv(s) varies over "
+                    f"the data (e.g. {approximate[0]}); their per-tap input norms are estimated "
+                    "from per-channel means"
+                )
+        elif kind == "taylor":
+            measured = scorers.taylor(model, ctx, groups, self.options.samples)
         scores: dict[int, np.ndarray] = {}
         fallbacks = 0
         for group in groups:
-            score = None
+            score = measured.get(group.id)
             if kind == "bn":
                 score = scorers.bn_scale(group, analysis)
             elif kind == "activation":
