@@ -25,7 +25,9 @@ from graphopt.errors import GraphoptError
 from graphopt.model import Model
 from graphopt.train.graph import FLOAT_TYPES, Emitter, GradientError, Shape
 from graphopt.train.losses import Loss, emit_losses
+from graphopt.train.qat import QuantizedWeight, unfold
 from graphopt.train.rules import RULES, differentiable
+from graphopt.train.rules.quant import STRAIGHT_THROUGH
 
 # ONNX Runtime 1.31 loads IR versions up to 10 (onnx 1.23 writes 11 and more by default).
 MAX_IR_VERSION = 10
@@ -47,6 +49,10 @@ class TrainingGraph:
         data_inputs: the model's own inputs, fed as for inference.
         loss_inputs: the inputs the losses add (targets, labels, teacher logits).
         outputs: extra model tensors exposed as outputs (e.g. logits for metrics).
+        quantized: the trainables that are float shadows of integer initializers (QAT,
+            graphopt.train.qat), with what turns them back into integers.
+        frozen_quantized: integer weights behind a DequantizeLinear left untrained, with
+            the reason.
     """
 
     proto: onnx.ModelProto
@@ -56,6 +62,8 @@ class TrainingGraph:
     data_inputs: list[str]
     loss_inputs: list[str]
     outputs: list[str] = field(default_factory=list)
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
+    frozen_quantized: dict[str, str] = field(default_factory=dict)
 
     @property
     def trainables(self) -> list[str]:
@@ -69,6 +77,7 @@ def build_training_graph(
     trainables: Sequence[str] | None = None,
     input_shapes: Mapping[str, Sequence[int | str]] | None = None,
     outputs: Sequence[str] = (),
+    qat: bool | None = None,
 ) -> TrainingGraph:
     """Build the forward + loss + backward graph of `model` (which is not modified).
 
@@ -81,6 +90,11 @@ def build_training_graph(
         input_shapes: fixed shapes for graph inputs whose dims are dynamic (Conv and pool
             gradients need static spatial sizes; the batch may stay dynamic).
         outputs: model tensors to expose beside the loss and gradients.
+        qat: quantization-aware training of the integer weights behind DequantizeLinear
+            nodes (graphopt.train.qat): each one named in `trainables`, or all of them when
+            `trainables` is None, becomes a float shadow trained through a QuantizeLinear by
+            the straight-through estimator. None (the default) does so where there are such
+            weights; True also fails when there are none; False never does.
 
     Raises:
         GradientError: an op without a gradient rule on the path from a trainable to the loss,
@@ -94,8 +108,12 @@ def build_training_graph(
     proto = _prepared_proto(model, input_shapes)
     graph = proto.graph
     _refuse_graph_level(graph)
+    quantized, frozen_quantized = unfold(
+        proto, requested=trainables, qat=qat, prefix=_free_prefix("qat", _all_names(graph))
+    )
     inits = {t.name: t for t in graph.initializer}
     chosen = _choose_trainables(graph, inits, trainables)
+    chosen += [name for name in quantized if name not in chosen]
     elem_type = _elem_type(chosen, inits)
     initial = {name: numpy_helper.to_array(inits[name]) for name in chosen}
 
@@ -213,6 +231,8 @@ def build_training_graph(
         data_inputs=[v.name for v in data_inputs],
         loss_inputs=[v.name for v in loss_inputs],
         outputs=list(outputs),
+        quantized=quantized,
+        frozen_quantized=frozen_quantized,
     )
 
 
@@ -346,7 +366,8 @@ def _choose_trainables(
                 parts.append(f"not float32/float64: {', '.join(wrong)}")
             raise GraphoptError(
                 f"Cannot train the requested tensors ({'; '.join(parts)}).",
-                hint="Trainables must be float initializers of the main graph.",
+                hint="Trainables must be float initializers of the main graph, or integer "
+                "weights behind a DequantizeLinear (trained unless qat=False).",
             )
         if not names:
             raise GraphoptError("The list of trainables is empty.")
@@ -366,7 +387,8 @@ def _choose_trainables(
     if not names:
         raise GraphoptError(
             "The model has no float initializers to train.",
-            hint="Weights held as Constant nodes or int8 weights cannot be trained yet.",
+            hint="Weights held as Constant nodes cannot be trained; integer weights behind "
+            "a DequantizeLinear are trained unless qat=False.",
         )
     return names
 
@@ -384,14 +406,15 @@ def _elem_type(names: list[str], inits: dict[str, onnx.TensorProto]) -> int:
 
 
 def _active(nodes: list[onnx.NodeProto], trainables: set[str], types: dict[str, int]) -> set[str]:
-    """Tensors that depend on a trainable through differentiable inputs (float ones only)."""
+    """Tensors that depend on a trainable through differentiable inputs (float ones only, and
+    the quantized outputs the straight-through estimator differentiates)."""
     active = set(trainables)
     for node in nodes:
         if any(
             name in active and differentiable(node.op_type, i) for i, name in enumerate(node.input)
         ):
             for out in node.output:
-                if out and types.get(out) in FLOAT_TYPES:
+                if out and (types.get(out) in FLOAT_TYPES or node.op_type in STRAIGHT_THROUGH):
                     active.add(out)
     return active
 

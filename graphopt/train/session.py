@@ -5,7 +5,8 @@ graphopt.runtime, and keeps the weights in numpy: each step feeds the weights an
 reads the loss and the gradients, multiplies each gradient by its pruning keep-mask (from
 `model.metadata["masks"]`, so pruned weights stay exactly zero) and lets the optimizer update
 the weights. `trained_model()` writes the weights back into a copy of the unchanged inference
-graph.
+graph; the float shadows of quantized weights (quantization-aware training, graphopt.train.qat)
+go back quantized, into the original integer initializers, so dtypes stay as they were.
 
 On CUDA the session runs, but weights and gradients cross the PCIe bus every step: IO binding
 with device-resident weights and an in-graph optimizer are the next step (untested here).
@@ -17,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from graphopt.errors import DataError
@@ -42,9 +44,10 @@ class Trainer:
         model: the model; never modified (see `trained_model`).
         losses: the loss terms.
         optimizer: SGD or AdamW (numpy).
-        trainables, input_shapes, outputs: see `build_training_graph`.
+        trainables, input_shapes, outputs, qat: see `build_training_graph`.
         device, threads: for the ONNX Runtime session (graphopt.runtime.create_session).
-        use_masks: multiply gradients by the pruning masks in `model.metadata["masks"]`.
+        use_masks: multiply gradients by the pruning masks in `model.metadata["masks"]`
+            (a quantized weight's mask may be stored under its float weight's name).
     """
 
     def __init__(
@@ -59,17 +62,23 @@ class Trainer:
         device: Device = "cpu",
         threads: int | None = None,
         use_masks: bool = True,
+        qat: bool | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
         self.graph: TrainingGraph = build_training_graph(
-            model, losses, trainables=trainables, input_shapes=input_shapes, outputs=outputs
+            model,
+            losses,
+            trainables=trainables,
+            input_shapes=input_shapes,
+            outputs=outputs,
+            qat=qat,
         )
         self.session: Session = create_session(
-            self.graph.proto.SerializeToString(), device=device, threads=threads
+            _source(self.graph.proto), device=device, threads=threads
         )
         self.params = {k: np.array(v, copy=True) for k, v in self.graph.initial.items()}
-        self.masks = _masks(model, self.params) if use_masks else {}
+        self.masks = _masks(model, self.params, self.graph) if use_masks else {}
         self.steps = 0
 
     @property
@@ -105,20 +114,46 @@ class Trainer:
         return StepResult(loss=loss, outputs=outputs)
 
     def trained_model(self) -> Model:
-        """A copy of the model with the trained weights; its node list is unchanged."""
+        """A copy of the model with the trained weights; its node list and initializer
+        dtypes are unchanged (float shadows are quantized back into their integers)."""
         out = self.model.copy()
         initializers = out.graph.initializers
         for name, value in self.params.items():
+            quantized = self.graph.quantized.get(name)
+            if quantized is not None:
+                value = quantized.quantize(value)
             initializers[name].const_value = ir.tensor(value, name=name)
         return out
 
 
-def _masks(model: Model, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _source(proto: onnx.ModelProto) -> bytes | Model:
+    """The training graph as create_session takes it: a Model when it holds float8 tensors
+    (fp8 QAT), for which graphopt.runtime turns off ONNX Runtime's QDQ rewrites (they take
+    float8 Q/DQ for int8 ones and the session fails to load)."""
+    if any(t.data_type in _FLOAT8 for t in proto.graph.initializer):
+        return Model(ir=ir.from_proto(proto))
+    return proto.SerializeToString()
+
+
+_FLOAT8 = {
+    onnx.TensorProto.FLOAT8E4M3FN,
+    onnx.TensorProto.FLOAT8E4M3FNUZ,
+    onnx.TensorProto.FLOAT8E5M2,
+    onnx.TensorProto.FLOAT8E5M2FNUZ,
+}
+
+
+def _masks(
+    model: Model, params: dict[str, np.ndarray], graph: TrainingGraph
+) -> dict[str, np.ndarray]:
     from graphopt.passes.prune.masks import existing_keep
 
     masks = {}
     for name, value in params.items():
-        keep = existing_keep(model.metadata, name, value.shape)
-        if keep is not None:
-            masks[name] = keep.astype(value.dtype)
+        quantized = graph.quantized.get(name)
+        for key in quantized.mask_names if quantized is not None else (name,):
+            keep = existing_keep(model.metadata, key, value.shape)
+            if keep is not None:
+                masks[name] = keep.astype(value.dtype)
+                break
     return masks

@@ -49,9 +49,10 @@ from graphopt.train.rules import (  # noqa: E402  (the modules register into RUL
     math,
     norm,
     normalization,
+    quant,
     reduce,
     shape,
 )
 
 __all__ = ["DIFFERENTIABLE", "RULES", "Rule", "differentiable", "rule"]
-_MODULES = (conv, elementwise, linear, math, norm, normalization, reduce, shape)
+_MODULES = (conv, elementwise, linear, math, norm, normalization, quant, reduce, shape)
