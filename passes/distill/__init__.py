@@ -23,16 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-import onnx_ir as ir
-
 from graphopt.context import Context
 from graphopt.data import Dataset
 from graphopt.data.checks import names as quoted_names
 from graphopt.errors import DataError
 from graphopt.model import Model
 from graphopt.passes.base import Pass, PassResult, option, register_pass
-from graphopt.passes.distill.loop import LoopSettings, Outcome, Target, run_loop
+from graphopt.passes.distill.loop import LoopSettings, Outcome, Target, copy_initializers, run_loop
 from graphopt.passes.distill.teacher import (
     LogitsView,
     TeacherLogits,
@@ -230,16 +227,5 @@ def _result(
         )
         return PassResult(modified=False, stats=stats, warnings=warnings)
     trainer.params = outcome.params
-    trained = trainer.trained_model()
-    _copy_initializers(trained, model)
+    copy_initializers(trainer.trained_model(), model)
     return PassResult(modified=True, stats=stats, warnings=warnings)
-
-
-def _copy_initializers(source: Model, target: Model) -> None:
-    """Write the trained values into `target` (the pipeline edits its model in place)."""
-    initializers = target.graph.initializers
-    for name, value in source.graph.initializers.items():
-        if name in initializers and value.const_value is not None:
-            old = initializers[name].const_value
-            if old is None or not np.array_equal(old.numpy(), value.const_value.numpy()):
-                initializers[name].const_value = ir.tensor(value.const_value.numpy(), name=name)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx_ir as ir
 
 from graphopt import console
 from graphopt.data import Dataset
@@ -29,6 +30,7 @@ from graphopt.passes.distill.schedule import LearningRate
 from graphopt.passes.distill.teacher import LogitsView, TeacherLogits
 from graphopt.runtime import Device, create_session
 from graphopt.train import SGD, AdamW, Loss, Trainer
+from graphopt.train.static import freeze_shape_subgraphs
 
 Metric = Callable[[Mapping[str, np.ndarray], np.ndarray], float]
 
@@ -120,21 +122,24 @@ def run_loop(
     held = np.zeros(total, dtype=bool)
     held[rng.choice(total, size=holdout_count, replace=False)] = True
     train_count = total - holdout_count
-    batch_size = fixed_batch or settings.batch_size
-    if train_count < batch_size and fixed_batch is not None:
+    # The training graph has a fixed batch (shape subgraphs fold to constants with it); the
+    # samples that do not fill the last batch of an epoch wait for the next shuffle.
+    batch_size = fixed_batch or min(settings.batch_size, train_count)
+    if train_count < batch_size:
         raise DataError(
             f"The model takes batches of exactly {fixed_batch} samples, but only "
             f"{train_count} training samples are left after the holdout.",
             hint="Give more data, or holdout=0.",
         )
-    per_epoch = train_count // batch_size if fixed_batch else math.ceil(train_count / batch_size)
+    per_epoch = train_count // batch_size
     total_steps = settings.steps or per_epoch * settings.epochs
     epochs = math.ceil(total_steps / per_epoch)
 
     first = next(iter(data.batches(1)))
-    input_shapes = {name: ["batch", *value.shape[1:]] for name, value in first.feeds.items()}
-    if fixed_batch is not None:
-        input_shapes = {name: [fixed_batch, *dims[1:]] for name, dims in input_shapes.items()}
+    input_shapes = {name: [batch_size, *value.shape[1:]] for name, value in first.feeds.items()}
+    training_model, _ = freeze_shape_subgraphs(
+        student, input_shapes, device=device, threads=threads
+    )
     losses = _losses(targets, settings, use_labels)
     optimizer: SGD | AdamW
     if settings.optimizer == "sgd":
@@ -143,9 +148,7 @@ def run_loop(
         )
     else:
         optimizer = AdamW(lr=settings.lr, weight_decay=settings.weight_decay)
-    trainer = Trainer(
-        student, losses, optimizer, input_shapes=input_shapes, device=device, threads=threads
-    )
+    trainer = Trainer(training_model, losses, optimizer, device=device, threads=threads)
     schedule = LearningRate(
         lr=settings.lr,
         total=total_steps,
@@ -178,7 +181,7 @@ def run_loop(
                 batch_size,
                 settings.shuffle_buffer,
                 rng,
-                drop_last=fixed_batch is not None,
+                drop_last=True,
             ):
                 if step >= total_steps:
                     break
@@ -372,6 +375,7 @@ class _Evaluator:
         chunk: int,
     ) -> None:
         self.chunk = chunk
+        self.student = student
         self.targets = targets
         self.teacher = teacher
         self.settings = settings
@@ -382,7 +386,8 @@ class _Evaluator:
         self.outputs = [v.name for v in student.graph.outputs]
 
     def __call__(self, trainer: Trainer, holdout: _Samples) -> HoldoutScore:
-        model = trainer.trained_model()
+        model = self.student.copy()
+        copy_initializers(trainer.trained_model(), model)
         tensors = list(dict.fromkeys([t.tensor for t in self.targets] + self.outputs))
         session = create_session(
             model, device=self.device, threads=self.threads, extra_outputs=tensors
@@ -444,3 +449,15 @@ def _score_text(score: HoldoutScore) -> str:
 
 def _say(line: str) -> None:
     console.err.print(f"  distill: {line}")
+
+
+def copy_initializers(source: Model, target: Model) -> None:
+    """Write `source`'s values into the initializers of `target` that have the same names
+    (the training copy has the same weights, plus folded shape constants)."""
+    initializers = target.graph.initializers
+    for name, value in source.graph.initializers.items():
+        if name in initializers and value.const_value is not None:
+            old = initializers[name].const_value
+            new = value.const_value.numpy()
+            if old is None or not np.array_equal(old.numpy(), new):
+                initializers[name].const_value = ir.tensor(new, name=name)
