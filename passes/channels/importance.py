@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
+from graphopt import console
 from graphopt.context import Context
 from graphopt.errors import DataError, GraphoptError
 from graphopt.model import Model
@@ -277,8 +278,13 @@ def taylor(model: Model, ctx: Context, groups: list[Group], samples: int) -> dic
     totals = {g.id: np.zeros(g.channels) for g in groups}
     trainer: Trainer | None = None
     seen = 0
+    batches = console.track(
+        data.batches(ctx.batch_size),
+        total=data.num_batches(ctx.batch_size),
+        description="channels: Taylor gradients",
+    )
     try:
-        for batch in data.batches(ctx.batch_size):
+        for batch in batches:
             if trainer is None:
                 trainer = _trainer(model, ctx, outputs[0], batch.feeds)
             labels = _int_labels(batch.labels, data.description)

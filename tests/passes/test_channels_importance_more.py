@@ -51,10 +51,10 @@ class ConvNet(nn.Module):
     global pool -> linear: the first conv's channels are read by a strided Conv, the
     second's by a Gemm."""
 
-    def __init__(self, act: type[nn.Module] = nn.ReLU, classes: int = 5) -> None:
+    def __init__(self, act: type[nn.Module] = nn.ReLU, classes: int = 5, groups: int = 1) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 16, 3, 1, 1)
-        self.conv2 = nn.Conv2d(16, 8, 3, 2, 1)
+        self.conv2 = nn.Conv2d(16, 8, 3, 2, 1, groups=groups)
         self.fc = nn.Linear(8, classes)
         self.act = act()
 
@@ -151,11 +151,18 @@ def _inputs_of(net: nn.Module, layer: nn.Module, x: np.ndarray) -> torch.Tensor:
 
 
 def _wanda_conv(net: ConvNet, x: np.ndarray) -> np.ndarray:
-    """Σ_o Σ_taps |W2[o, c, tap]|·‖im2col row (c, tap)‖₂ over every sample and position."""
+    """Σ_o Σ_taps |W2[o, c, tap]|·‖im2col row (c, tap)‖₂ over every sample and position (a
+    grouped conv2: only the outputs of c's group read it, through W2[o, c mod 16/G])."""
     cols = F.unfold(_inputs_of(net, net.conv2, x), 3, padding=1, stride=2)  # [N, 16*9, L]
     norms = cols.pow(2).sum(dim=(0, 2)).sqrt().reshape(16, 3, 3)
-    w = net.conv2.weight.detach().double().abs()  # [8, 16, 3, 3]
-    return (w * norms).sum(dim=(0, 2, 3)).numpy()
+    w = net.conv2.weight.detach().double().abs()  # [8, 16/G, 3, 3]
+    groups = net.conv2.groups
+    per_in, per_out = 16 // groups, 8 // groups
+    out = np.zeros(16)
+    for c in range(16):
+        rows = w[(c // per_in) * per_out : (c // per_in + 1) * per_out, c % per_in]
+        out[c] = float((rows * norms[c]).sum())
+    return out
 
 
 def _wanda_linear(layer: nn.Linear, inputs: torch.Tensor) -> np.ndarray:
@@ -163,9 +170,10 @@ def _wanda_linear(layer: nn.Linear, inputs: torch.Tensor) -> np.ndarray:
     return (layer.weight.detach().double().abs() * norms).sum(dim=0).numpy()
 
 
-def test_wanda_conv_and_gemm_readers_match_torch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("groups", [1, 2])
+def test_wanda_conv_and_gemm_readers_match_torch(tmp_path: Path, groups: int) -> None:
     torch.manual_seed(0)
-    net = ConvNet()
+    net = ConvNet(groups=groups)
     proto = _export(net, torch.randn(1, 3, 8, 8))
     model = _model(proto)
     x = _images()

@@ -1,7 +1,13 @@
 """Normalizations: BatchNormalization and InstanceNormalization (per channel, so removing a
 channel leaves the others exact) and LayerNormalization (normalizes over its trailing axes:
 every channel there is one residual stream, and removing channels changes the statistics of
-the others, so such groups are marked lossy), GroupNormalization (whole groups)."""
+the others, so such groups are marked lossy), GroupNormalization (whole groups).
+
+LayerNormalization stays lossy even for channels that were zero: it subtracts the mean, so
+keeping the original denominator (as the RMSNorm written out with ReduceMean is given, see
+`reduce`) would fix the mean but not the variance, which then includes the removed channels'
+(-mean)² terms; only decomposing the op could make it exact, and removing channels that are
+not zero is an approximation in both cases."""
 
 from __future__ import annotations
 
