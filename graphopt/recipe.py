@@ -1,4 +1,4 @@
-"""Recipes: the list of passes with their options, plus the validation gates.
+"""Recipes: the list of passes with their options, the validation gates, and the engine.
 
 A recipe is a YAML or JSON file, a built-in name, or built inline from `--pass` arguments:
 
@@ -8,6 +8,10 @@ A recipe is a YAML or JSON file, a built-in name, or built inline from `--pass` 
     validation:
       min_cosine: 0.999
       max_accuracy_drop: 0.01
+    engine:                          # optional: build a TensorRT plan from the result
+      output: model.plan             # relative to the optimized model's folder
+      shapes: ["image:1x3x224x224/8x3x224x224/32x3x224x224"]   # one string per profile
+      workspace_mb: 1024             # and any other BuildOptions field
 
 Everything is checked when the recipe is read, before any work starts: an unknown pass, an
 unknown option, a value of the wrong type or outside its range is a `RecipeError` that names
@@ -25,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from graphopt.engine.options import EngineSection, engine_section_from_mapping
 from graphopt.errors import RecipeError
 from graphopt.passes import base
 from graphopt.validate import Gates
@@ -73,7 +78,7 @@ BUILTIN_RECIPES: dict[str, dict[str, Any]] = {
     },
 }
 
-_TOP_LEVEL_KEYS = {"description", "passes", "validation"}
+_TOP_LEVEL_KEYS = {"description", "passes", "validation", "engine"}
 
 
 @dataclass(frozen=True)
@@ -92,12 +97,14 @@ class PassSpec:
 
 @dataclass
 class Recipe:
-    """The passes to run, in order, and the gates the result must pass."""
+    """The passes to run, in order, the gates the result must pass, and the engine to build
+    from it (None: no engine)."""
 
     passes: list[PassSpec]
     gates: Gates = field(default_factory=Gates)
     source: str = "inline"
     description: str = ""
+    engine: EngineSection | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {}
@@ -107,6 +114,8 @@ class Recipe:
         gates = self.gates.to_dict()
         if gates:
             data["validation"] = gates
+        if self.engine is not None:
+            data["engine"] = self.engine.to_dict()
         return data
 
     def to_yaml(self) -> str:
@@ -160,7 +169,12 @@ def recipe_from_mapping(
         raise RecipeError(f"The 'validation' section of recipe {source} must be a mapping.")
     gates = Gates.from_mapping(validation, where=f"recipe {source}")
     description = data.get("description") or ""
-    return Recipe(passes=passes, gates=gates, source=source, description=str(description))
+    engine = None
+    if "engine" in data:
+        engine = engine_section_from_mapping(data["engine"], where=f"recipe {source}")
+    return Recipe(
+        passes=passes, gates=gates, source=source, description=str(description), engine=engine
+    )
 
 
 def _pass_spec(step: Any, index: int, source: str, allow_code: bool) -> PassSpec:

@@ -66,7 +66,7 @@ def test_json_recipe(tmp_path):
         ("passes: [{cleanup: {fold_constant: true}}]", ["cleanup", "fold_constant"]),
         ("passes: [{cleanup: {fold_constants: 3}}]", ["fold_constants", "bool"]),
         ("passes: []", ["non-empty 'passes'"]),
-        ("passes: [cleanup]\nengine: {}", ["unknown section", "engine"]),
+        ("passes: [cleanup]\nengines: {}", ["unknown section", "engines"]),
         ("passes: [cleanup]\nvalidation: {min_cosin: 0.9}", ["min_cosin"]),
         ("passes: [cleanup\n", ["not valid YAML"]),
         ("- just a list", ["mapping"]),

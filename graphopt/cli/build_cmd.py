@@ -78,7 +78,7 @@ def build(
         sparsity=sparsity,
         workspace_mb=workspace_mb,
         opt_level=opt_level,
-        timing_cache=timing_cache,
+        timing_cache=str(timing_cache) if timing_cache is not None else None,
         hardware_compat=hardware_compat,  # type: ignore[arg-type]
         version_compatible=version_compatible,
     )

@@ -64,6 +64,15 @@ from graphopt.cli.options import (
     help="ORT latency runs for the original and final model (0 skips the measurement).",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random choices.")
+@click.option(
+    "--engine",
+    "engine_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="OUT.plan",
+    help="Also build a TensorRT plan from the optimized model (settings from the recipe's "
+    "engine section); needs TensorRT and an NVIDIA GPU.",
+)
 @click.option("--print-recipe", is_flag=True, help="Print the resolved recipe and exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of tables.")
 def optimize(
@@ -82,6 +91,7 @@ def optimize(
     metric: str | None,
     latency_runs: int,
     seed: int,
+    engine_path: Path | None,
     print_recipe: bool,
     as_json: bool,
 ) -> None:
@@ -96,6 +106,12 @@ def optimize(
 
     from graphopt import console
     from graphopt.context import Context
+    from graphopt.engine.step import (
+        prepare_engine_step,
+        run_engine_step,
+        tensorrt_missing,
+        with_command_line_output,
+    )
     from graphopt.errors import GateFailed
     from graphopt.model import check_output_path, load_model, model_file_bytes, save_model
     from graphopt.pipeline import run_pipeline
@@ -109,12 +125,21 @@ def optimize(
         )
         recipe = "lossless"
     resolved = _resolve_recipe(recipe, pass_args, gates)
+    resolved.engine = with_command_line_output(resolved.engine, engine_path)
     if print_recipe:
         click.echo(resolved.to_yaml(), nl=False)
         return
     out_model, out_report = _output_paths(output, model_path)
     model = load_model(model_path)
     check_output_path(model, out_model)
+    engine_step = prepare_engine_step(
+        resolved.engine, model, model_path=model_path, optimized_model=out_model, report=out_report
+    )
+    if engine_step is not None and tensorrt_missing() is not None:
+        console.warn(
+            "TensorRT is not usable here: the passes run and the optimized model and report are "
+            "written, then the engine step fails (its error says how to install TensorRT)."
+        )
     metric_fn = load_callable(metric, what="metric") if metric else None
     calib = data_reader.open(data_source, model.input_specs(), seed=seed)
     val = data_reader.open(val_source, model.input_specs(), seed=seed)
@@ -167,6 +192,9 @@ def optimize(
             hint="Relax the recipe's gates, or change the passes' options.",
         )
     console.err.print(f"wrote {out_model} and {out_report}")
+    if engine_step is not None:
+        built = run_engine_step(engine_step, out_model, out_report)
+        console.err.print(f"wrote {built.plan_path} and {built.sidecar_path}")
 
 
 def _resolve_recipe(recipe: str | None, pass_args: tuple[str, ...], gates: tuple[str, ...]):
@@ -182,7 +210,9 @@ def _resolve_recipe(recipe: str | None, pass_args: tuple[str, ...], gates: tuple
                 f"--pass given: the passes of recipe {resolved.source} are ignored "
                 "(its validation gates still apply)."
             )
+        engine = resolved.engine
         resolved = inline_recipe(pass_args, resolved.gates)
+        resolved.engine = engine
     if gates:
         merged = {**resolved.gates.to_dict(), **parse_gate_args(gates)}
         resolved.gates = Gates.from_mapping(merged, where="--gate")

@@ -5,14 +5,17 @@ the `--shapes` profiles against the model's inputs, the output path), and only t
 TensorRT, so a bad request is reported as such on a machine without it. Without TensorRT it
 raises `EngineUnavailable` saying how to install it.
 
-Modules: `shapes` (profile specs), `options` (build settings), `layers` (the engine
-inspector's per-layer types), `build` (the TensorRT calls).
+Modules: `shapes` (profile specs), `options` (build settings and a recipe's `engine:`
+section), `layers` (the engine inspector's per-layer types), `build` (the TensorRT build
+calls), `step` (the engine step of `graphopt optimize`), `run` (running and timing a plan:
+`graphopt bench model.plan`), `compare` (a plan against ONNX Runtime: `graphopt validate
+model.plan --reference model.onnx`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from graphopt.engine.build import (
@@ -23,7 +26,7 @@ from graphopt.engine.build import (
     tensorrt_module,
 )
 from graphopt.engine.layers import LayerPrecision, layer_precisions, precision_counts
-from graphopt.engine.options import BuildOptions
+from graphopt.engine.options import BuildOptions, EngineSection, engine_section_from_mapping
 from graphopt.engine.shapes import (
     InputRange,
     ShapeProfile,
@@ -37,13 +40,16 @@ __all__ = [
     "INSTALL_HINT",
     "BuildOptions",
     "BuildResult",
+    "EngineSection",
     "EngineBuildFailed",
     "InputRange",
     "LayerPrecision",
     "ShapeProfile",
     "ShapeSpecError",
     "build_plan",
+    "check_plan_output",
     "check_profiles",
+    "engine_section_from_mapping",
     "layer_precisions",
     "parse_shape_specs",
     "precision_counts",
@@ -71,15 +77,34 @@ def prepare_build(
     profiles = parse_shape_specs(shape_specs)
     model = load_model(model_path)
     check_profiles(profiles, model.input_specs())
+    check_plan_output(output, {"the input model": model_path})
+    return profiles, count_qdq(model) > 0
+
+
+def check_plan_output(
+    output: str | os.PathLike[str], protected: Mapping[str, str | os.PathLike[str]]
+) -> None:
+    """The plan may go to `output`: not a folder, and none of the `protected` files (by what
+    they are, e.g. {"the input model": path}), and its `.json` sidecar not one either.
+
+    Raises:
+        GraphoptError: it is a folder or one of the protected files.
+    """
     output = Path(output)
     if output.is_dir():
-        raise GraphoptError(f"'{output}' is a folder; -o takes the plan file to write.")
-    if Path(os.path.realpath(output)) == Path(os.path.realpath(model_path)):
         raise GraphoptError(
-            f"Refusing to write the plan over the input model '{model_path}'.",
-            hint="Choose another -o, e.g. model.plan.",
+            f"'{output}' is a folder; give the plan file to write, e.g. model.plan."
         )
-    return profiles, count_qdq(model) > 0
+    target = Path(os.path.realpath(output))
+    sidecar = target.with_name(target.name + ".json")
+    for what, path in protected.items():
+        real = Path(os.path.realpath(path))
+        if real in (target, sidecar):
+            which = "the plan" if real == target else f"the plan's sidecar '{sidecar.name}'"
+            raise GraphoptError(
+                f"Refusing to write {which} over {what} '{path}'.",
+                hint="Choose another plan path, e.g. model.plan.",
+            )
 
 
 def build_plan(

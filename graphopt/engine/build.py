@@ -150,8 +150,8 @@ def build_engine(
         config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY
     # DETAILED lets the engine inspector report each layer's types for the sidecar.
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-    cache_in = _read_timing_cache(options.timing_cache)
-    if options.timing_cache is not None:
+    cache_in = _read_timing_cache(options.timing_cache_path)
+    if options.timing_cache_path is not None:
         cache = config.create_timing_cache(cache_in)
         config.set_timing_cache(cache, ignore_mismatch=False)
     for profile in profiles:
@@ -172,9 +172,9 @@ def build_engine(
             "above.",
         )
     plan_bytes = bytes(memoryview(serialized))
-    if options.timing_cache is not None:
+    if options.timing_cache_path is not None:
         written = bytes(memoryview(config.get_timing_cache().serialize()))
-        _write_atomic(options.timing_cache, written)
+        _write_atomic(options.timing_cache_path, written)
 
     engine = trt.Runtime(logger).deserialize_cuda_engine(plan_bytes)
     info: dict[str, Any] = {}
@@ -192,7 +192,7 @@ def build_engine(
         "build_seconds": round(seconds, 3),
         "plan_bytes": len(plan_bytes),
         "timing_cache": {
-            "path": os.fspath(options.timing_cache) if options.timing_cache else None,
+            "path": options.timing_cache,
             "bytes_read": len(cache_in),
         },
         "precision_counts": precision_counts(layers),
