@@ -228,7 +228,7 @@ def _weight(
     axis = int(attrs.get("axis", 1)) % rank if rank else 0
     block = int(attrs.get("block_size", 0))
     scale = _expand(consts[scale_name], values.shape, axis, block)
-    zp = consts[zp_name] if zp_name else np.zeros((), np.float64)
+    zp = consts[zp_name] if zp_name else np.zeros(np.shape(consts[scale_name]))
     zero_point = _expand(np.asarray(zp).astype(np.float64), values.shape, axis, block)
     bare = re.sub(r"_quantized(_\d+)?$", "", init.name)
     return QuantizedWeight(
