@@ -224,6 +224,35 @@ def test_unpaired_scales_go_out_and_back():
     assert (tx.grad.numpy() == 0).mean() >= 0.2
 
 
+@pytest.mark.parametrize("axis", [1, -2])
+def test_scale_and_zero_point_computed_in_the_graph(axis):
+    """Per-axis scale and zero point that are not constants: broadcast in the graph."""
+    x = R.standard_normal((3, 4, 5)) * 6
+    scale = _pow2(4)
+    zero_point = R.integers(-5, 6, 4).astype(np.int8)
+    nodes = [
+        helper.make_node("Mul", ["s0", "one"], ["s"]),
+        helper.make_node("Identity", ["z0"], ["z"]),
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], axis=axis),
+        helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], axis=axis),
+    ]
+    inits = [
+        _const("x", x.astype(np.float32)),
+        _const("s0", scale.astype(np.float32)),
+        _const("one", np.float32(1.0)),
+        _const("z0", zero_point),
+    ]
+    model = model_from_proto(_proto(nodes, inits))
+    graph = build_training_graph(model, [Loss.mse("y")], trainables=["x"])
+    target = np.random.default_rng(3).standard_normal(x.shape).astype(np.float32)
+    loss, grads = ort_gradients(graph, {"y.target": target}, graph.initial)
+    case = Case("computed", x, scale, zero_point, TensorProto.INT8, axis=1)
+    expected_loss, expected = _torch_loss_and_grad(case, target, np.float32)
+    assert loss == pytest.approx(expected_loss, rel=1e-6)
+    np.testing.assert_allclose(grads["x"], expected, rtol=1e-6, atol=0)
+    assert (expected == 0).mean() >= 0.2
+
+
 @pytest.mark.parametrize(
     "qtype,limit", [(TensorProto.FLOAT8E4M3FN, 448.0), (TensorProto.FLOAT8E5M2, 57344.0)]
 )
