@@ -274,11 +274,5 @@ def test_bad_input_is_one_paragraph(tmp_path, args, words):
     assert_clean_failure(invoke("bench", model, *args), *words)
 
 
-def test_an_engine_file_is_refused_with_what_to_use(tmp_path):
-    plan = tmp_path / "model.plan"
-    plan.write_bytes(b"\0" * 16)
-    assert_clean_failure(invoke("bench", plan), "TensorRT engine", "trtexec")
-
-
 def test_a_missing_model_is_one_paragraph(tmp_path):
     assert_clean_failure(invoke("bench", tmp_path / "nope.onnx"), "nope.onnx")

@@ -9,8 +9,6 @@ import click
 
 from graphopt.cli.options import DataReader, data_options
 
-PLAN_SUFFIXES = (".plan", ".engine", ".trt")
-
 
 @click.command()
 @click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
@@ -78,6 +76,13 @@ PLAN_SUFFIXES = (".plan", ".engine", ".trt")
     show_default=True,
     help="Where ONNX Runtime runs; auto uses CUDA only when it really works.",
 )
+@click.option(
+    "--profile",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="TensorRT plans: the optimization profile to run (its batch range gives the sweep).",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random data.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option(
@@ -99,11 +104,17 @@ def bench(
     warmup: int,
     threads: int | None,
     device: str,
+    profile: int,
     seed: int,
     as_json: bool,
     report_path: Path | None,
 ) -> None:
-    """Time MODEL on ONNX Runtime: p50/p90/p99 latency and throughput per batch size."""
+    """Time MODEL on ONNX Runtime, or a TensorRT plan (.plan, .engine, .trt) on the GPU:
+    p50/p90/p99 latency and throughput per batch size.
+
+    A plan needs TensorRT, cuda-python and an NVIDIA GPU; its batch sizes come from its
+    optimization profile, and its latency is GPU time per inference from CUDA events.
+    """
     from graphopt import console
     from graphopt.benchmark import (
         BenchOptions,
@@ -113,23 +124,38 @@ def bench(
         parse_batches,
     )
     from graphopt.data import open_dataset, parse_shapes
+    from graphopt.engine.run import is_plan_path
     from graphopt.errors import GraphoptError
     from graphopt.model import load_model
     from graphopt.report import write_json_atomic
 
-    if model_path.suffix.lower() in PLAN_SUFFIXES:
-        raise GraphoptError(
-            f"'{model_path}' looks like a TensorRT engine; graphopt bench times ONNX models on "
-            "ONNX Runtime, and does not run TensorRT engines yet.",
-            hint=f"Time the engine with TensorRT's trtexec (trtexec --loadEngine={model_path}), "
-            "or give the .onnx model.",
-        )
     if runs is not None and budget_s is not None:
         raise GraphoptError(
             "--runs and --time both set how long each batch size is timed.", hint="Give one."
         )
     parse_shapes(data_reader.shapes)  # a bad --shape is reported before the model is read
     batches = parse_batches(batch_text)
+    if is_plan_path(model_path):
+        _bench_plan(
+            model_path,
+            data_source,
+            data_reader,
+            batches,
+            max_batch,
+            min_gain,
+            runs if runs is not None else 50,
+            budget_s,
+            warmup,
+            profile,
+            seed,
+            as_json,
+            report_path,
+            ignored=[n for n, v in (("--threads", threads), ("--shape", data_reader.shapes)) if v]
+            + (["--device"] if device != "auto" else []),
+        )
+        return
+    if profile:
+        console.warn("--profile applies to TensorRT plans only; ignored for an ONNX model.")
     options = BenchOptions(
         batches=batches,
         max_batch=max_batch,
@@ -166,6 +192,81 @@ def bench(
         )
 
     result = bench(model, dataset, options, progress=progress)
+    if report_path is not None:
+        write_json_atomic(report_path, result.to_dict())
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        console.out.print(result.table())
+
+
+def _bench_plan(
+    plan_path: Path,
+    data_source: str,
+    data_reader: DataReader,
+    batches: tuple[int, ...] | None,
+    max_batch: int,
+    min_gain: float,
+    runs: int,
+    budget_s: float | None,
+    warmup: int,
+    profile: int,
+    seed: int,
+    as_json: bool,
+    report_path: Path | None,
+    ignored: list[str],
+) -> None:
+    """`graphopt bench model.plan`: TensorRT on the GPU (see graphopt.engine.run)."""
+    from graphopt import console
+    from graphopt.benchmark import fill_batch
+    from graphopt.data import open_dataset
+    from graphopt.engine.run import bench_plan, read_plan_bytes
+    from graphopt.errors import DataError
+    from graphopt.report import write_json_atomic
+
+    read_plan_bytes(plan_path)  # a missing or empty plan is reported before TensorRT is sought
+    if ignored:
+        console.warn(
+            f"{', '.join(ignored)} apply to ONNX models on ONNX Runtime; ignored for a TensorRT "
+            "plan (dynamic dims take the profile's optimum)."
+        )
+    opened: dict[str, object] = {}
+
+    def feeds_for(signature, size: int):
+        if "dataset" not in opened:
+            specs = signature.input_specs(profile)
+            if data_source == "random":
+                count = max(signature.batch_sizes(profile, batches, max_batch))
+                opened["dataset"] = open_dataset("random", specs, num_samples=count, seed=seed)
+            else:
+                opened["dataset"] = data_reader.open(data_source, specs, seed=seed)
+        dataset = opened["dataset"]
+        for batch in dataset.batches(size):  # type: ignore[attr-defined]
+            return fill_batch(batch.feeds, size)
+        raise DataError(f"The data ({dataset.description}) holds no samples to benchmark with.")  # type: ignore[attr-defined]
+
+    def progress(stats) -> None:
+        console.err.print(
+            f"batch {stats.batch_size}: p50 {stats.median_ms:.3f} ms, "
+            f"{stats.throughput:,.1f} samples/s ({stats.runs} runs)"
+        )
+
+    result = bench_plan(
+        plan_path,
+        feeds_for,
+        batches=batches,
+        max_batch=max_batch,
+        min_gain=min_gain,
+        runs=runs,
+        warmup=warmup,
+        budget_s=budget_s,
+        profile=profile,
+        data=data_source,
+        random_data=data_source == "random",
+        progress=progress,
+    )
+    if "dataset" in opened:
+        result.data = opened["dataset"].description  # type: ignore[attr-defined]
     if report_path is not None:
         write_json_atomic(report_path, result.to_dict())
     if as_json:
