@@ -166,7 +166,28 @@ class GroupNormalization(OpRun):
         return (y.reshape(x.shape).astype(x.dtype),)
 
 
-REFERENCE_OPS = [ConvTranspose, Erf, Gelu, GroupNormalization]
+class Pad(OpRun):
+    """Pad with negative pads too (onnx 1.23's reference hands them to np.pad, which refuses
+    them): pad by the positive parts, then crop by the negative ones."""
+
+    def _run(self, data, pads, constant_value=None, axes=None, mode=None):
+        r = data.ndim
+        axes = [int(a) % r for a in (range(r) if axes is None else axes)]
+        widths, crop = [(0, 0)] * r, [slice(None)] * r
+        for i, a in enumerate(axes):
+            b, e = int(pads[i]), int(pads[len(axes) + i])
+            widths[a] = (max(b, 0), max(e, 0))
+            crop[a] = slice(max(-b, 0), data.shape[a] + max(b, 0) + max(e, 0) - max(-e, 0))
+        mode = mode or "constant"
+        if mode == "constant":
+            value = 0 if constant_value is None else constant_value.reshape(()).item()
+            out = np.pad(data, widths, mode="constant", constant_values=value)
+        else:
+            out = np.pad(data, widths, mode=mode)
+        return (out[tuple(crop)].astype(data.dtype),)
+
+
+REFERENCE_OPS = [ConvTranspose, Erf, Gelu, GroupNormalization, Pad]
 
 
 class Reference:

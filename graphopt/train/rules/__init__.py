@@ -52,7 +52,8 @@ from graphopt.train.rules import (  # noqa: E402  (the modules register into RUL
     quant,
     reduce,
     shape,
+    spatial,
 )
 
 __all__ = ["DIFFERENTIABLE", "RULES", "Rule", "differentiable", "rule"]
-_MODULES = (conv, elementwise, linear, math, norm, normalization, quant, reduce, shape)
+_MODULES = (conv, elementwise, linear, math, norm, normalization, quant, reduce, shape, spatial)
