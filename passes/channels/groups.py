@@ -27,12 +27,13 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
 from graphopt.passes.channels.handlers import HANDLERS, GraphView, Port, Visit, port_value
-from graphopt.passes.channels.handlers.base import Dim, where
+from graphopt.passes.channels.handlers.base import Dim, canonical, where
 from graphopt.passes.channels.handlers.reshape import reshape_target
 from graphopt.passes.channels.handlers.shape import expand_output
 from graphopt.passes.cleanup.common import ONNX_DOMAINS, constant, node_label
 
 _SOURCE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+_MAX_ROUNDS = 32
 
 
 @dataclass(eq=False)
@@ -133,7 +134,9 @@ def infer_shapes(model: ir.Model) -> dict[str, tuple[Dim, ...]]:
     gets a name of its own (`?value[axis]`), so a Shape of that value still matches it."""
     clone = model.clone()
     shapes: dict[str, tuple[Dim, ...]] = {}
-    for _ in range(3):
+    # each round makes the next Reshape in a chain known (a transformer block reshapes from
+    # the Shape of the previous block's output); stop when a round learns nothing
+    for _ in range(_MAX_ROUNDS):
         _infer(clone)
         shapes = _collect(clone)
         if not _refine(clone, shapes):
@@ -192,7 +195,9 @@ def _refine(model: ir.Model, shapes: dict[str, tuple[Dim, ...]]) -> bool:
 
 def _dims(shape: ir.Shape, name: str) -> tuple[Dim, ...]:
     return tuple(
-        d if isinstance(d, int) else (d.value if getattr(d, "value", None) else f"?{name}[{k}]")
+        d
+        if isinstance(d, int)
+        else (canonical(d.value) if getattr(d, "value", None) else f"?{name}[{k}]")
         for k, d in enumerate(shape)
     )
 

@@ -11,7 +11,8 @@ it does not understand is a refusal with a sentence a user can act on.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -23,6 +24,68 @@ from graphopt.passes.cleanup.common import constant, node_label
 Port = tuple[Literal["in", "out"], int]
 Role = Literal["", "weight", "bn-scale"]
 Dim = int | str | None
+"""A dim: a known int, a symbol (a dim name, or a product of names such as "2*H*W"), None."""
+Monomial = tuple[int, tuple[str, ...]]
+
+_NOT_A_FACTOR = frozenset("()+-/ %^,")
+
+
+def monomial(dim: Dim) -> Monomial | None:
+    """A dim as coefficient x sorted symbol names: 6 -> (6, ()), "W*H" -> (1, ("H", "W")).
+
+    A name holding '*' between plain factors (ONNX Runtime's symbolic inference writes
+    products so) is read as that product; any other name is one opaque symbol."""
+    if dim is None:
+        return None
+    if isinstance(dim, int):
+        return (dim, ())
+    parts = dim.split("*")
+    if len(parts) == 1 or any(not p or _NOT_A_FACTOR & set(p) for p in parts):
+        return (1, (dim,))
+    coef, names = 1, []
+    for part in parts:
+        if part.isdigit():
+            coef *= int(part)
+        else:
+            names.append(part)
+    return (coef, tuple(sorted(names)))
+
+
+def dim_of(term: Monomial) -> Dim:
+    """The canonical dim of a monomial: an int, or "coef*A*B" with names sorted."""
+    coef, names = term
+    if not names:
+        return coef
+    return "*".join(([str(coef)] if coef != 1 else []) + list(names))
+
+
+def canonical(dim: Dim) -> Dim:
+    term = monomial(dim)
+    return None if term is None else dim_of(term)
+
+
+def dim_product(dims: Iterable[Dim]) -> Dim:
+    """The product of dims (None when one is unknown)."""
+    coef, names = 1, []
+    for dim in dims:
+        term = monomial(dim)
+        if term is None:
+            return None
+        coef *= term[0]
+        names.extend(term[1])
+    return dim_of((coef, tuple(sorted(names))))
+
+
+def dim_quotient(a: Dim, b: Dim) -> Dim:
+    """a / b when it is a whole dim for every value of the symbols, else None."""
+    ta, tb = monomial(a), monomial(b)
+    if ta is None or tb is None or tb[0] == 0 or ta[0] % tb[0]:
+        return None
+    rest = Counter(ta[1])
+    rest.subtract(tb[1])
+    if any(n < 0 for n in rest.values()):
+        return None
+    return dim_of((ta[0] // tb[0], tuple(sorted(rest.elements()))))
 
 
 @dataclass
@@ -91,7 +154,8 @@ class GraphView:
         if value.shape is None:
             return None
         return tuple(
-            d if isinstance(d, int) else (d.value if d.value else None) for d in value.shape
+            d if isinstance(d, int) else (canonical(d.value) if d.value else None)
+            for d in value.shape
         )
 
     def rank(self, value: ir.Value | None) -> int | None:

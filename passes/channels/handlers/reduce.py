@@ -15,7 +15,9 @@ come out scaled up by sqrt(total / kept energy) — small when the removed chann
 little, which is what the importance scorers pick; the other choice (averaging over the
 kept) would be exact only when the removed channels had exactly the average energy.
 ReduceMax/Min/Prod/LogSumExp and ArgMax/Min over the channel axis are refused: removing
-zero channels changes them.
+zero channels changes them. A mean over the channels that is then subtracted from a tensor
+(LayerNorm as opset < 17 exporters write it: x - ReduceMean(x), Pow, ReduceMean, Sqrt, Div)
+marks the group lossy, as LayerNormalization does: the centred removed channels are not zero.
 """
 
 from __future__ import annotations
@@ -86,7 +88,8 @@ class ReduceHandler(Handler):
             if axis in reduced:
                 if node.op_type not in _ZERO_SAFE:
                     return refuse(f"{where(node)} reduces over the channel axis")
-                return Visit()  # one value for all channels: nothing is tied
+                # one value for all channels: nothing is tied
+                return Visit(lossy=_centering(node, g))
             return Visit(links=[Link(("out", 0), kept.index(axis))])
         if kept[axis] in reduced:
             return refuse(f"axis {axis} of the output of {where(node)} is reduced")
@@ -107,6 +110,25 @@ class ReduceHandler(Handler):
                 factor *= (int(shape[axis]) - removed) / int(shape[axis])  # type: ignore[arg-type]
         if factor != 1.0:
             rw.scale_output(node, factor)
+
+
+def _centering(node: ir.Node, g: GraphView) -> str | None:
+    """Why removing zero channels changes what follows a mean that is added to or
+    subtracted from a tensor (LayerNorm written out: x - ReduceMean(x)), else None.
+
+    A removed channel that was zero holds -mean after the Sub, so it is no longer zero where
+    the variance sums the squares; an Add of a constant (RMSNorm's epsilon) is harmless."""
+    for use in node.outputs[0].uses():
+        user = use.node
+        if user.op_type not in ("Add", "Sub") or len(user.inputs) != 2:
+            continue
+        other = user.inputs[1 - use.idx]
+        if not g.weight_like(other):
+            return (
+                f"{where(user)} subtracts the mean over the channels ({where(node)}, a "
+                "LayerNorm written out): the variance after it changes with the channel count"
+            )
+    return None
 
 
 def _reduced_axes(node: ir.Node, g: GraphView) -> list[int] | str | None:

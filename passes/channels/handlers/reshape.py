@@ -12,6 +12,13 @@ block on one side maps to
 
 A channel axis in a block with several axes on both sides is refused. The Reshape shape
 constant is rewritten with the new channel counts (0 and -1 entries are kept).
+
+Dims only known at run time are names, and products of names ("H*W"), from shape inference.
+Exporters build targets from the input's own shape (paddle2onnx:
+Concat(Slice(Shape(x), 0, 2), [-1]) for [N, C, H, W] -> [N, C, H*W]); such an entry is the
+name of the dim it reads, so it equals the input's dim exactly when inference proved them
+equal, acts as a copy of it (like 0), and the -1 is what remains: H*W. A target computed so
+is made constant on removal (`freeze_reshape`: 0 for the copies, the new channel counts).
 """
 
 from __future__ import annotations
@@ -27,10 +34,15 @@ from graphopt.passes.channels.handlers.base import (
     GraphView,
     Handler,
     Link,
+    Monomial,
     Port,
     Rewriter,
     Visit,
+    dim_of,
+    dim_product,
+    dim_quotient,
     int_attr,
+    monomial,
     refuse,
     where,
 )
@@ -39,34 +51,43 @@ from graphopt.passes.channels.handlers.shape import freeze_reshape, shape_vector
 Block = tuple[list[int], list[int]]
 
 
+def _divides(a: Monomial, b: Monomial) -> bool:
+    if a[0] == 0 or b[0] % a[0]:
+        return False
+    rest = Counter(b[1])
+    rest.subtract(a[1])
+    return all(n >= 0 for n in rest.values())
+
+
 def match_blocks(a: tuple[Dim, ...], b: tuple[Dim, ...]) -> list[Block] | None:
-    """Pair dims of `a` and `b` into consecutive blocks of equal product; a symbolic dim
-    pairs only with the same symbol. None when they cannot be matched."""
+    """Pair dims of `a` and `b` into consecutive blocks of equal product. Symbolic dims are
+    products of names ("H*W" is H times W), so [N, C, H, W] and [N, C, H*W] pair N|N, C|C
+    and H,W|H*W. None when they cannot be matched (an unknown dim, unequal products)."""
+    ma, mb = [monomial(d) for d in a], [monomial(d) for d in b]
+    if any(t is None for t in ma) or any(t is None for t in mb):
+        return None
     blocks: list[Block] = []
     i = j = 0
     while i < len(a) and j < len(b):
-        if not isinstance(a[i], int) or not isinstance(b[j], int):
-            if a[i] is None or a[i] != b[j]:
-                return None
-            blocks.append(([i], [j]))
-            i, j = i + 1, j + 1
-            continue
         ai, bj = [i], [j]
-        pa, pb = a[i], b[j]
+        pa, pb = ma[i], mb[j]
+        assert pa is not None and pb is not None
         i, j = i + 1, j + 1
         while pa != pb:
-            if pa < pb:  # type: ignore[operator]
-                if i >= len(a) or not isinstance(a[i], int):
-                    return None
-                pa *= a[i]  # type: ignore[operator]
+            if pa[1] or pb[1]:  # symbolic: grow the side that divides the other
+                grow_a = _divides(pa, pb) or not _divides(pb, pa)
+            else:
+                grow_a = pa[0] < pb[0]
+            if grow_a and i < len(a):
+                pa = _times(pa, ma[i])
                 ai.append(i)
                 i += 1
-            else:
-                if j >= len(b) or not isinstance(b[j], int):
-                    return None
-                pb *= b[j]  # type: ignore[operator]
+            elif j < len(b):
+                pb = _times(pb, mb[j])
                 bj.append(j)
                 j += 1
+            else:
+                return None
         blocks.append((ai, bj))
     # trailing size-1 dims join the last block
     rest_a, rest_b = list(range(i, len(a))), list(range(j, len(b)))
@@ -77,6 +98,11 @@ def match_blocks(a: tuple[Dim, ...], b: tuple[Dim, ...]) -> list[Block] | None:
             return None
         blocks[-1] = (blocks[-1][0] + rest_a, blocks[-1][1] + rest_b)
     return blocks
+
+
+def _times(a: Monomial, b: Monomial | None) -> Monomial:
+    assert b is not None
+    return (a[0] * b[0], tuple(sorted(a[1] + b[1])))
 
 
 def axis_map(
@@ -93,6 +119,14 @@ def axis_map(
         return "the channel axis has size 1"
     if len(mine) == 1 and len(theirs) == 1:
         return theirs[0], None
+    fixed = all(isinstance(here[k], int) for k in mine) and all(
+        isinstance(there[k], int) for k in theirs
+    )
+    if not fixed:
+        return (
+            f"the channel axis is merged with or split into dims only known at run time "
+            f"({list(here)} vs {list(there)})"
+        )
     if len(mine) > 1 and len(theirs) == 1:
         dims = [int(here[k]) for k in mine]  # type: ignore[arg-type]
         positions = np.arange(math.prod(dims))
@@ -110,9 +144,15 @@ def axis_map(
     return f"the channel axis is in a block of several axes on both sides ({list(here)} vs {list(there)})"
 
 
-def reshape_target(node: ir.Node, g: GraphView) -> tuple[Dim, ...] | str:
-    """The output shape a Reshape makes of its input: 0 copies the input dim, -1 is solved
-    from the products (or paired with the input's one symbolic dim)."""
+def reshape_shapes(node: ir.Node, g: GraphView) -> tuple[tuple[Dim, ...], tuple[Dim, ...]] | str:
+    """The input shape of a Reshape and the output shape it makes: 0 copies the input dim;
+    an entry computed from a Shape is the dim it reads (a name, which equals the input's dim
+    when shape inference proved them equal: `Shape(x)[0]` is x's batch dim); -1 is what
+    remains of the input's product.
+
+    A Reshape that runs has as many elements out as in. When that equation leaves exactly
+    one name unmatched ([N, H*W, C] -> [N, 1, W, C] says H = 1), the name takes its value
+    in both shapes, so the blocks can be matched."""
     in_shape = g.shape(node.inputs[0])
     spec = shape_vector(node.inputs[1], g)
     if in_shape is None:
@@ -128,25 +168,48 @@ def reshape_target(node: ir.Node, g: GraphView) -> tuple[Dim, ...] | str:
             out.append(in_shape[k])
         else:
             out.append(v)
+    if out.count(-1) > 1:
+        return f"the target shape of {where(node)} has more than one -1"
     if -1 in out:
-        known = [d for d in out if d != -1]
-        symbols = [d for d in in_shape if not isinstance(d, int)]
-        in_static = math.prod(d for d in in_shape if isinstance(d, int))
-        out_static = math.prod(d for d in known if isinstance(d, int))
-        unknown_out = [d for d in known if not isinstance(d, int)]
-        if not symbols and not unknown_out and out_static and in_static % out_static == 0:
-            out[out.index(-1)] = in_static // out_static
-        elif len(symbols) == 1 and not unknown_out and in_static == out_static:
-            out[out.index(-1)] = symbols[0]
-        elif (
-            Counter(map(str, symbols)) == Counter(map(str, unknown_out))
-            and out_static
-            and in_static % out_static == 0
-        ):
-            out[out.index(-1)] = in_static // out_static
-        else:
+        rest = dim_quotient(dim_product(in_shape), dim_product(d for d in out if d != -1))
+        if rest is None:
             return f"the -1 in the target shape of {where(node)} cannot be resolved"
+        out[out.index(-1)] = rest
+        return tuple(in_shape), tuple(out)
+    return _solve(tuple(in_shape), tuple(out))
+
+
+def _solve(a: tuple[Dim, ...], b: tuple[Dim, ...]) -> tuple[tuple[Dim, ...], tuple[Dim, ...]]:
+    """Equal element counts of `a` and `b`: a lone name left over on one side, to the first
+    power, against a whole number on the other, is that number in both."""
+    ta, tb = monomial(dim_product(a)), monomial(dim_product(b))
+    if ta is None or tb is None or ta == tb or 0 in (ta[0], tb[0]):
+        return a, b
+    left, right = Counter(ta[1]), Counter(tb[1])
+    left, right = left - right, right - left
+    for mine, theirs, cm, ct in ((left, right, ta[0], tb[0]), (right, left, tb[0], ta[0])):
+        if not theirs and len(mine) == 1 and sum(mine.values()) == 1 and ct % cm == 0:
+            name, value = next(iter(mine)), ct // cm
+            return _substitute(a, name, value), _substitute(b, name, value)
+    return a, b
+
+
+def _substitute(dims: tuple[Dim, ...], name: str, value: int) -> tuple[Dim, ...]:
+    out: list[Dim] = []
+    for dim in dims:
+        term = monomial(dim)
+        if term is None or name not in term[1]:
+            out.append(dim)
+            continue
+        power = term[1].count(name)
+        out.append(dim_of((term[0] * value**power, tuple(n for n in term[1] if n != name))))
     return tuple(out)
+
+
+def reshape_target(node: ir.Node, g: GraphView) -> tuple[Dim, ...] | str:
+    """The output shape a Reshape makes of its input (see `reshape_shapes`)."""
+    shapes = reshape_shapes(node, g)
+    return shapes if isinstance(shapes, str) else shapes[1]
 
 
 def _flatten_target(node: ir.Node, g: GraphView) -> tuple[Dim, ...] | str:
@@ -156,20 +219,17 @@ def _flatten_target(node: ir.Node, g: GraphView) -> tuple[Dim, ...] | str:
         return f"the input shape of {where(node)} is unknown"
     axis = axis % len(shape) if axis < 0 else axis
 
-    def prod(dims: tuple[Dim, ...]) -> Dim:
-        if all(isinstance(d, int) for d in dims):
-            return math.prod(dims)  # type: ignore[arg-type]
-        return dims[0] if len(dims) == 1 else None
-
-    return (prod(shape[:axis]), prod(shape[axis:]))
+    return (dim_product(shape[:axis]), dim_product(shape[axis:]))
 
 
 class ReshapeHandler(Handler):
     """Reshape (constant target shape) and Flatten."""
 
     def _shapes(self, node: ir.Node, g: GraphView) -> tuple[tuple[Dim, ...], tuple[Dim, ...]] | str:
+        if node.op_type == "Reshape":
+            return reshape_shapes(node, g)
         in_shape = g.shape(node.inputs[0])
-        target = reshape_target(node, g) if node.op_type == "Reshape" else _flatten_target(node, g)
+        target = _flatten_target(node, g)
         if isinstance(target, str):
             return target
         assert in_shape is not None

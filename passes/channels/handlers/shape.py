@@ -271,13 +271,12 @@ def _same_dim(a: Dim, b: Dim) -> bool:
 def frozen_reshape_spec(node: ir.Node, g: GraphView, sizes: dict[int, int]) -> list[int] | str:
     """A constant target for `node` (a Reshape) that makes what it makes now, with the sizes
     in `sizes` (output axis -> new size) on the axes that lose channels."""
-    from graphopt.passes.channels.handlers.reshape import reshape_target
+    from graphopt.passes.channels.handlers.reshape import reshape_shapes
 
-    in_shape = g.shape(node.inputs[0])
-    target = reshape_target(node, g)
-    if isinstance(target, str):
-        return target
-    assert in_shape is not None
+    shapes = reshape_shapes(node, g)
+    if isinstance(shapes, str):
+        return shapes
+    in_shape, target = shapes
     spec: list[int] = []
     free = 0
     allowzero = int_attr(node, "allowzero", 0)
