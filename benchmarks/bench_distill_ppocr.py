@@ -1,0 +1,275 @@
+"""Benchmark: win back a pruned or quantized PP-OCRv4 recogniser's accuracy by distillation.
+
+The model is `ch_PP-OCRv4_rec_infer.onnx` from the rapidocr-onnxruntime 1.4.4 wheel (fetched
+once with `pip download --no-deps` into the cache; see ppocr/model.py). The data are text
+lines rendered with Pillow (ppocr/lines.py): a training split (seed 3, `--train-lines`) and the
+test split of bench_quantize_ppocr.py (seed 2, `--test-lines`), disjoint by construction.
+
+  original    the file as shipped; its logits on the training lines are the teacher's
+              (graphopt's export_logits);
+  pruned      graphopt cleanup, then channels at `--ratio` (l2 importance, round_to=8): the
+              share of the model's output channels it removed is reported;
+  distilled   the pruned model after graphopt's distill pass against the teacher logits
+              (KL at temperature `--temperature`, AdamW, warm-up and cosine, the best
+              epoch on a 10 % holdout of the training lines);
+  int8        (with --qat) graphopt cleanup + quantize (target=ort-cpu, minmax, 512 lines of
+              the quantize benchmark's calibration split), then distill on the same Q/DQ
+              graph: its int8 weights train as float shadows and go back as int8 (QAT).
+
+Reported: CER and exact-line accuracy on the test split (rapidocr's greedy CTC decoding),
+parameters and FLOPs, training time and steps. Prints a table and writes
+<cache>/distill_report.json. Not run by CI.
+
+    python benchmarks/bench_distill_ppocr.py                       # ratio 0.6, 3 epochs
+    python benchmarks/bench_distill_ppocr.py --train-lines 256 --epochs 1 --test-lines 200
+    python benchmarks/bench_distill_ppocr.py --qat
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, os.fspath(Path(__file__).resolve().parent))
+
+import machine_info  # noqa: E402
+from ppocr import runs  # noqa: E402
+from ppocr.model import fetch_model, read_characters  # noqa: E402
+
+DEFAULT_CACHE = Path(".cache/ppocr")
+TRAIN_SEED, TEST_SEED, CALIB_SEED = 3, 2, 1
+DATA_VERSION = 1  # as bench_quantize_ppocr.py: bump when ppocr/lines.py renders differently
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def split(cache: Path, name: str, count: int, seed: int, model: Path) -> Path:
+    """Render (once) `count` lines with `seed` into <cache>/data."""
+    from ppocr.lines import find_fonts, make_lines, write_split
+
+    stem = f"{name}_{count}_seed{seed}_v{DATA_VERSION}"
+    folder = cache / "data"
+    npz = folder / f"{stem}.npz"
+    if not (npz.exists() and npz.with_name(f"{stem}.labels.json").exists()):
+        log(f"rendering {count} {name} lines (seed {seed}) ...")
+        characters = set(read_characters(model)[1:])
+        x, labels = make_lines(count, seed, characters, find_fonts())
+        write_split(folder, stem, x, labels)
+    return npz
+
+
+def output_channels(model: Any) -> int:
+    """Output channels of every Conv, Gemm and MatMul with a constant weight."""
+    total = 0
+    for node in model.graph:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
+            continue
+        weight = node.inputs[1]
+        if weight is None or weight.const_value is None:
+            continue
+        shape = weight.const_value.shape
+        if node.op_type == "Conv":
+            total += int(shape[0])
+        elif node.op_type == "Gemm" and any(
+            a.name == "transB" and a.as_int() for a in node.attributes.values()
+        ):
+            total += int(shape[0])
+        else:
+            total += int(shape[-1])
+    return total
+
+
+def run_passes(model: Any, passes: list[str], ctx: Any) -> Any:
+    from graphopt.pipeline import run_pipeline
+    from graphopt.recipe import inline_recipe
+
+    return run_pipeline(model, inline_recipe(passes), ctx)
+
+
+def evaluate(path: Path, test: Path, reference: Path, first: bool) -> dict[str, Any]:
+    result = runs.evaluate(path, test, 16, reference, write_reference=first)
+    log(f"  {path.name}: CER {result['cer']:.2%}, exact lines {result.get('line_accuracy', 0):.2%}")
+    return result
+
+
+def main() -> None:
+    args = parse_args()
+    from graphopt.context import Context
+    from graphopt.data import open_dataset
+    from graphopt.model import load_model, save_model
+    from graphopt.passes.distill import TeacherSpec, export_logits
+
+    cache = args.cache
+    model_path = fetch_model(cache)
+    train = split(cache, "train", args.train_lines, TRAIN_SEED, model_path)
+    test = split(cache, "test", args.test_lines, TEST_SEED, model_path)
+    out = cache / "distill"
+    out.mkdir(parents=True, exist_ok=True)
+    reference = out / f"reference_{args.test_lines}.npy"
+    distill = (
+        f"distill:epochs={args.epochs},lr={args.lr},temperature={args.temperature},"
+        f"batch_size={args.batch},holdout=0.1"
+    )
+    report: dict[str, Any] = {
+        "machine": machine_info.machine(),
+        "packages": machine_info.versions(),
+        "settings": vars(args) | {"cache": str(cache), "distill": distill},
+        "rows": [],
+    }
+
+    def save() -> None:
+        (cache / "distill_report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+
+    with tempfile.TemporaryDirectory(prefix="bench-distill-") as workdir:
+        original = load_model(model_path)
+        data = open_dataset(train, original.input_specs())
+        ctx = Context(workdir=Path(workdir), calib_data=data, device="cpu", threads=args.threads)
+        logits = out / f"teacher_{args.train_lines}.npy"
+        if not logits.exists():
+            log("teacher logits of the original model on the training lines ...")
+            start = time.perf_counter()
+            export_logits(original, data, logits, batch_size=16, device="cpu", threads=args.threads)
+            report["teacher_logits_s"] = round(time.perf_counter() - start, 1)
+        ctx.teacher = TeacherSpec(logits=logits)
+        base = evaluate(model_path, test, reference, first=True)
+        cleaned = load_model(model_path)  # the file keeps its weights in Constant nodes
+        run_passes(cleaned, ["cleanup"], ctx)
+        total_channels = output_channels(cleaned)
+        report["rows"].append(
+            {"model": "original", **_cost(original), "channels": total_channels, **_acc(base)}
+        )
+        save()
+
+        log(f"pruning: cleanup, channels ratio={args.ratio} ...")
+        pruned = load_model(model_path)
+        result = run_passes(pruned, ["cleanup", f"channels:ratio={args.ratio}"], ctx)
+        pruned_path = save_model(pruned, out / f"pruned_{args.ratio}.onnx").path
+        kept = output_channels(pruned)
+        removed_share = 1 - kept / total_channels
+        channel_stats = result.steps[-1].pass_stats
+        row = {"model": f"pruned (channels ratio {args.ratio})", **_cost(pruned)}
+        row |= {"channels": kept, "channels_removed_share": round(removed_share, 4)}
+        row |= {"groups_refused": channel_stats.get("groups_refused")}
+        row |= _acc(evaluate(pruned_path, test, reference, first=False))
+        report["rows"].append(row)
+        save()
+
+        log(f"distilling the pruned model: {distill} ...")
+        start = time.perf_counter()
+        result = run_passes(pruned, [distill], ctx)
+        seconds = time.perf_counter() - start
+        distilled_path = save_model(pruned, out / f"distilled_{args.ratio}.onnx").path
+        row = {"model": "pruned + distill", **_cost(pruned), "channels": kept}
+        row |= _training(result.steps[-1].pass_stats, seconds)
+        row |= _acc(evaluate(distilled_path, test, reference, first=False))
+        report["rows"].append(row)
+        save()
+
+        if args.qat:
+            calib = split(cache, "calib", 512, CALIB_SEED, model_path)
+            log("quantizing: cleanup, quantize target=ort-cpu minmax ...")
+            quantized = load_model(model_path)
+            qctx = Context(
+                workdir=Path(workdir),
+                calib_data=open_dataset(calib, quantized.input_specs()),
+                device="cpu",
+                threads=args.threads,
+            )
+            run_passes(quantized, ["cleanup", "quantize:target=ort-cpu,calibrator=minmax"], qctx)
+            q_path = save_model(quantized, out / "int8.onnx").path
+            row = {"model": "int8 (ort-cpu, minmax)", **_cost(quantized)}
+            row |= _acc(evaluate(q_path, test, reference, first=False))
+            report["rows"].append(row)
+            save()
+            log(f"QAT: distilling the int8 model: {distill} ...")
+            start = time.perf_counter()
+            result = run_passes(quantized, [distill], ctx)
+            seconds = time.perf_counter() - start
+            qat_path = save_model(quantized, out / "int8_distilled.onnx").path
+            row = {"model": "int8 + distill (QAT)", **_cost(quantized)}
+            row |= _training(result.steps[-1].pass_stats, seconds)
+            row |= _acc(evaluate(qat_path, test, reference, first=False))
+            report["rows"].append(row)
+            save()
+    print_table(report)
+
+
+def _cost(model: Any) -> dict[str, Any]:
+    """Parameters and GFLOPs at batch 1 of 3x48x320 lines."""
+    from graphopt.analysis import analyze
+
+    spec = model.input_specs()[0]
+    dims = {d: v for d, v in zip(spec.shape, (1, 3, 48, 320), strict=True) if isinstance(d, str)}
+    stats = analyze(model, dims=dims)
+    return {"params": stats.params, "gflops": round(stats.flops / 1e9, 4)}
+
+
+def _acc(result: dict[str, Any]) -> dict[str, Any]:
+    keep = ("cer", "line_accuracy", "cer_no_spaces", "lines")
+    return {k: result[k] for k in keep if k in result}
+
+
+def _training(stats: dict[str, Any], seconds: float) -> dict[str, Any]:
+    return {
+        "train_s": round(seconds, 1),
+        "steps": stats.get("steps"),
+        "epochs": stats.get("epochs"),
+        "best_epoch": stats.get("best_epoch"),
+        "holdout": stats.get("holdout"),
+        "train_samples": stats.get("train_samples"),
+    }
+
+
+def print_table(report: dict[str, Any]) -> None:
+    header = ["model", "params", "GFLOPs", "channels", "CER", "exact lines", "train s", "steps"]
+    rows = []
+    for row in report["rows"]:
+        rows.append(
+            [
+                row["model"],
+                f"{row['params']:,}",
+                f"{row['gflops']:.3f}",
+                str(row.get("channels", "-")),
+                f"{row['cer']:.2%}",
+                f"{row.get('line_accuracy', float('nan')):.2%}",
+                str(row.get("train_s", "-")),
+                str(row.get("steps", "-")),
+            ]
+        )
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    print(" | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+    print("-|-".join("-" * w for w in widths))
+    for r in rows:
+        print(" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+    for row in report["rows"]:
+        if "channels_removed_share" in row:
+            print(
+                f"\n{row['model']}: {row['channels_removed_share']:.1%} of output channels removed"
+            )
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--train-lines", type=int, default=2000)
+    parser.add_argument("--test-lines", type=int, default=1000)
+    parser.add_argument("--ratio", type=float, default=0.6, help="channels ratio per group")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--temperature", type=float, default=2.0)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--qat", action="store_true", help="also distill the int8 model")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    main()
