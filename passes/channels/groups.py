@@ -18,6 +18,7 @@ touches a refused slot is refused with those reasons.
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -129,18 +130,33 @@ def infer_shapes(model: ir.Model) -> dict[str, tuple[Dim, ...]]:
     """Every value's shape (ints, dim names) from ONNX shape inference on a copy.
 
     Reshape and Expand targets computed at run time (Shape -> Gather -> Concat) are then
-    evaluated here (`shape_vector`), which ONNX's data propagation leaves unknown past a Div
-    or a Where, and inference runs again from the refined shapes. A dim nobody can name
-    gets a name of its own (`?value[axis]`), so a Shape of that value still matches it."""
-    clone = model.clone()
+    evaluated here (`shape_vector`), which ONNX's data propagation leaves unknown past a Div,
+    a Where or a Cast, and gives only a fresh name where the dim is a product ([N, C, H, W]
+    -> [N, C, -1] is H*W here, "unk__4" there). Inference then runs again on a fresh copy
+    holding the evaluated outputs, so what follows them (an Add of two H*W token streams, the
+    next block's reshapes) is inferred from them. The names ONNX invents are renamed after
+    the first place they appear (`?value[axis]`), so they stay the same from round to round;
+    a dim nobody can name gets a name of its own the same way, so a Shape of that value
+    still matches it."""
+    known: dict[str, tuple[tuple[Dim, ...], ir.TypeProtocol | None]] = {}
     shapes: dict[str, tuple[Dim, ...]] = {}
     # each round makes the next Reshape in a chain known (a transformer block reshapes from
     # the Shape of the previous block's output); stop when a round learns nothing
     for _ in range(_MAX_ROUNDS):
+        clone = model.clone()
+        for node in clone.graph:
+            for out in node.outputs:
+                if out.name in known:
+                    dims, type_ = known[out.name]
+                    out.shape = ir.Shape(list(dims))
+                    out.type = out.type or type_  # a shape without a type is not written
         _infer(clone)
+        _stable_names(clone)
         shapes = _collect(clone)
-        if not _refine(clone, shapes):
+        refined = _refine(clone, shapes)
+        if refined == known:
             break
+        known = refined
     return shapes
 
 
@@ -149,6 +165,29 @@ def _infer(model: ir.Model) -> None:
         ShapeInferencePass(strict_mode=False)(model)
     except Exception:  # noqa: BLE001 - inference is best effort; declared shapes remain
         pass
+
+
+_INVENTED = re.compile(r"unk__\d+")
+
+
+def _stable_names(model: ir.Model) -> None:
+    """Rename the dims ONNX inference invented ("unk__7") after the first value and axis
+    that hold them; its counter depends on the whole graph, this does not."""
+    values = [*model.graph.inputs, *(v for node in model.graph for v in node.outputs)]
+    names: dict[str, str] = {}
+    for value in values:
+        for k, d in enumerate(value.shape or ()):
+            text = getattr(d, "value", None)
+            if isinstance(text, str) and _INVENTED.fullmatch(text) and text not in names:
+                names[text] = f"?{value.name}[{k}]"
+    if not names:
+        return
+    for value in values:
+        if value.shape is None:
+            continue
+        dims = [getattr(d, "value", None) if not isinstance(d, int) else d for d in value.shape]
+        if any(isinstance(d, str) and d in names for d in dims):
+            value.shape = ir.Shape([names.get(d, d) if isinstance(d, str) else d for d in dims])
 
 
 def _collect(model: ir.Model) -> dict[str, tuple[Dim, ...]]:
@@ -160,11 +199,13 @@ def _collect(model: ir.Model) -> dict[str, tuple[Dim, ...]]:
     return shapes
 
 
-def _refine(model: ir.Model, shapes: dict[str, tuple[Dim, ...]]) -> bool:
-    """Give Reshape and Expand outputs the dims their evaluated targets say; True when any
-    dim became known."""
+def _refine(
+    model: ir.Model, shapes: dict[str, tuple[Dim, ...]]
+) -> dict[str, tuple[tuple[Dim, ...], ir.TypeProtocol | None]]:
+    """Give Reshape and Expand outputs the dims their evaluated targets say (where inference
+    has no number); returns them, with their types, by value name."""
     view = GraphView(model, shapes)
-    changed = False
+    refined: dict[str, tuple[tuple[Dim, ...], ir.TypeProtocol | None]] = {}
     for node in model.graph:
         if node.domain not in ONNX_DOMAINS or node.op_type not in ("Reshape", "Expand"):
             continue
@@ -178,19 +219,14 @@ def _refine(model: ir.Model, shapes: dict[str, tuple[Dim, ...]]) -> bool:
             continue
         old = shapes.get(out.name)
         if old is not None and len(old) == len(dims):
-            dims = tuple(o if isinstance(o, int) else d for o, d in zip(old, dims, strict=True))
-            better = any(
-                isinstance(d, int) and not isinstance(o, int)
-                for o, d in zip(old, dims, strict=True)
+            dims = tuple(
+                o if isinstance(o, int) or d is None else d for o, d in zip(old, dims, strict=True)
             )
-        else:
-            better = old is None
-        if not better:
+        if any(d is None for d in dims):
             continue
         shapes[out.name] = tuple(dims)
-        out.shape = ir.Shape([d if d is not None else None for d in dims])
-        changed = True
-    return changed
+        refined[out.name] = (tuple(dims), out.type or node.inputs[0].type)
+    return refined
 
 
 def _dims(shape: ir.Shape, name: str) -> tuple[Dim, ...]:

@@ -27,7 +27,7 @@ Dim = int | str | None
 """A dim: a known int, a symbol (a dim name, or a product of names such as "2*H*W"), None."""
 Monomial = tuple[int, tuple[str, ...]]
 
-_NOT_A_FACTOR = frozenset("()+-/ %^,")
+_NOT_A_FACTOR = frozenset("()+- %^,")  # a sum or a call is one name
 
 
 def monomial(dim: Dim) -> Monomial | None:

@@ -31,7 +31,10 @@ from graphopt.passes.channels.handlers.base import (
     Port,
     Rewriter,
     Visit,
+    dim_product,
+    dim_quotient,
     int_attr,
+    monomial,
     normalize_axis,
     refuse,
     where,
@@ -159,11 +162,19 @@ def _apply(op: str, row: list[Entry]) -> Entry:
         return {"Add": a + b, "Sub": a - b, "Mul": a * b, "Max": max(a, b), "Min": min(a, b)}[op]
     if op == "Mul" and (a == 1 or b == 1):
         return b if a == 1 else a
+    if op in ("Mul", "Div") and _positive(a) and _positive(b):
+        # dims times dims (x.shape[2] * x.shape[3]); a quotient only when it is whole
+        return dim_product([a, b]) if op == "Mul" else dim_quotient(a, b)
     if op in ("Add", "Sub") and b == 0:
         return a
     if op == "Div" and b == 1:
         return a
     return None
+
+
+def _positive(entry: Entry) -> bool:
+    term = monomial(entry)
+    return term is not None and term[0] >= 1
 
 
 # --------------------------------------------------------------------------- readers
