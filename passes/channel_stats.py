@@ -19,15 +19,27 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import onnx_ir as ir
 
 from graphopt import runtime
 from graphopt.calibration.datasets import head
 from graphopt.context import Context
 from graphopt.errors import GraphoptError
 from graphopt.model import Model
+from graphopt.passes.quantize.graphutil import NameSource
 from graphopt.passes.quantize.ranges import usable_samples
 
 Request = tuple[str, int]  # (tensor name, channel axis; negative counts from the end)
+
+
+def add_square(graph: ir.Graph, source: ir.Value, names: NameSource, tag: str) -> str:
+    """Append Mul(source, source) to a probe copy of a model and return its output's name
+    (`<source>__<tag>_sq`): the mean of what `collect` reports for it is E[x²] per channel,
+    the activation norms Wanda-style scores need."""
+    out = names.take(f"{source.name}__{tag}_sq")
+    square = ir.Value(name=out, type=source.type, shape=source.shape)
+    graph.append(ir.node("Mul", [source, source], outputs=[square]))
+    return out
 
 
 @dataclass(frozen=True)

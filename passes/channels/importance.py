@@ -160,7 +160,9 @@ def wanda(
     for slot, _ in (r for rs in by_group.values() for r in rs):
         key = (slot.name, slot.axis)
         if key not in squares:
-            squares[key] = _add_square(probe.graph, values[slot.name], names)
+            squares[key] = channel_stats.add_square(
+                probe.graph, values[slot.name], names, "channels"
+            )
     convs = any(n.op_type == "Conv" for rs in by_group.values() for _, n in rs)
     measured = channel_stats.collect(
         probe, ctx, [(sq, axis) for (_, axis), sq in squares.items()],
@@ -179,13 +181,6 @@ def wanda(
         if by_group[group.id]:
             scores[group.id] = total
     return scores, sorted(set(approximate))
-
-
-def _add_square(graph: ir.Graph, source: ir.Value, names: NameSource) -> str:
-    out = names.take(f"{source.name}__channels_sq")
-    square = ir.Value(name=out, type=source.type, shape=source.shape)
-    graph.append(ir.node("Mul", [source, source], outputs=[square]))
-    return out
 
 
 def _column_scores(

@@ -43,6 +43,8 @@ def importance(
     """Per target, an array broadcastable to its weight (initializer layout) holding
     sqrt(Σ_readers E[x²]) for each weight's input position; and the approximate layers."""
     probe = model.copy()
+    values = {v.name: v for v in probe.graph.inputs}
+    values.update({v.name: v for node in probe.graph for v in node.outputs})
     names = NameSource(probe.graph)
     squares: dict[tuple[str, int], str] = {}
     requests: list[tuple[str, int]] = []
@@ -52,7 +54,9 @@ def importance(
             assert act is not None and act.name
             key = (act.name, reader.act_axis)
             if key not in squares:
-                squares[key] = _add_square(probe, act.name, names)
+                squares[key] = channel_stats.add_square(
+                    probe.graph, values[act.name], names, "prune"
+                )
                 requests.append((squares[key], reader.act_axis))
     measured = channel_stats.collect(
         probe,
@@ -76,19 +80,6 @@ def importance(
         assert total is not None
         scales[target.name] = np.sqrt(np.maximum(total, 0.0)).astype(np.float32)
     return scales, sorted(set(approximate))
-
-
-def _add_square(model: Model, name: str, names: NameSource) -> str:
-    graph = model.graph
-    values = {v.name: v for v in graph.inputs}
-    for node in graph:
-        for output in node.outputs:
-            values[output.name] = output
-    source = values[name]
-    out = names.take(f"{name}__prune_sq")
-    square = ir.Value(name=out, type=source.type, shape=source.shape)
-    graph.append(ir.node("Mul", [source, source], outputs=[square]))
-    return out
 
 
 def _reader_energy(
