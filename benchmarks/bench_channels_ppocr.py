@@ -93,6 +93,25 @@ def _reason(text: str) -> str:
     return re.sub(r"'[^']*'", "'…'", text)
 
 
+def _weight_coverage(model, analysis) -> float:
+    """Share of Conv/ConvTranspose/Gemm/MatMul weight parameters in prunable groups (on
+    their output or input channel axis), as the tests' `channels_check.weight_coverage`."""
+    from graphopt.passes.cleanup.common import constant
+
+    prunable = {id(s.value) for g in analysis.prunable() for s in g.members}
+    total = covered = 0
+    for node in model.graph:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.inputs) < 2:
+            continue
+        tensor = constant(node.inputs[1]) if node.inputs[1] is not None else None
+        if tensor is None:
+            continue
+        size = int(np.prod(tensor.shape))
+        total += size
+        covered += size * (id(node.inputs[1]) in prunable)
+    return covered / total if total else 0.0
+
+
 def build(name: str, source: Path, shape: tuple[int, ...], out: Path, round_to: int) -> dict:
     """Write original/cleanup/channels models under `out`; their stats and the pass's."""
     from graphopt.analysis import analyze
@@ -120,6 +139,7 @@ def build(name: str, source: Path, shape: tuple[int, ...], out: Path, round_to: 
         "prunable": len(analysis.prunable()),
         "channels": sum(g.channels for g in analysis.groups),
         "channels_prunable": sum(g.channels for g in analysis.prunable()),
+        "weight_coverage": _weight_coverage(cleaned, analysis),
         "refused_by_reason": dict(refused.most_common()),
         "refused": [g.describe() for g in analysis.groups if g.refusals],
     }
@@ -239,7 +259,8 @@ def main() -> None:
             clean = variants["cleanup"]["stats"]
             lines = [
                 f"\n{name} ({'x'.join(map(str, shape))}): {built['groups']['prunable']} of "
-                f"{built['groups']['groups']} groups prunable; refused: "
+                f"{built['groups']['groups']} groups prunable, "
+                f"{built['groups']['weight_coverage']:.0%} of Conv/Gemm/MatMul weights; refused: "
                 f"{built['groups']['refused_by_reason'] or 'none'}",
                 _row(
                     [
