@@ -24,6 +24,7 @@ from graphopt.context import Context
 from graphopt.model import Model
 from graphopt.passes.base import Pass, PassResult, option, register_pass
 from graphopt.passes.channels import importance as scorers
+from graphopt.passes.channels.compensate import compensate
 from graphopt.passes.channels.groups import Analysis, Group, analyze
 from graphopt.passes.channels.rewrite import compose, remove
 from graphopt.passes.channels.select import plan
@@ -56,7 +57,14 @@ class ChannelsOptions:
         (), "ops whose channels stay: node names, re:<regex> on names, op:<OpType>"
     )
     samples: int = option(
-        128, "calibration samples for importance=activation, wanda and taylor", range=(1, None)
+        128,
+        "calibration samples for importance=activation, wanda and taylor, and for compensate",
+        range=(1, None),
+    )
+    compensate: bool = option(
+        True,
+        "with --data, add each removed channel's mean contribution to the bias of the "
+        "Conv/Gemm/MatMul that read it (the best constant stand-in for the channel)",
     )
 
     def __post_init__(self) -> None:
@@ -129,6 +137,19 @@ class ChannelsPass(Pass[ChannelsOptions]):
             warnings.append(
                 f"{len(lossy)} pruned group(s) pass through a normalization over their channels "
                 f"(e.g. {lossy[0].lossy[0]}); validate and distill"
+            )
+        if opts.compensate and ctx.calib_data is not None:
+            done, skipped = compensate(model, analysis, removal, ctx, opts.samples)
+            stats["readers_compensated"] = done
+            if skipped:
+                warnings.append(
+                    f"{skipped} reader(s) of removed channels could not take their mean into "
+                    "a bias (a bias of another shape, or a graph output)"
+                )
+        elif opts.compensate:
+            warnings.append(
+                "no --data: the removed channels' means are not folded into the next layers' "
+                "biases (compensate), which costs accuracy"
             )
         kept = remove(model.ir, analysis, removal)
         model.metadata[METADATA_KEY] = compose(model.metadata.get(METADATA_KEY, {}), kept)
