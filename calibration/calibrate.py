@@ -28,6 +28,7 @@ from graphopt.calibration.histogram import (
     Grid,
     Histogram,
     entropy_bins,
+    entropy_sides,
     mse_bins,
     percentile_value,
 )
@@ -80,12 +81,14 @@ def calibrate(
         tensors: names of float tensors of the main graph (node outputs, graph inputs).
         method: "minmax" (the observed range); "percentile" (the range holding
             `percentile` % of the values); "entropy" (TensorRT's KL-divergence threshold for
-            int8, or fp8); "mse" (the clip threshold with the least expected squared error
+            int8, or fp8, searched for each sign apart); "mse" (the clip threshold with the least expected squared error
             under int8, or fp8, rounding).
         symmetric: ranges of the form [-t, t]. With False: minmax gives [min, max];
             percentile cuts (100 - percentile) / 2 % off each tail of a signed histogram;
-            entropy and mse compute the symmetric threshold t on |x| and return
-            [max(min, -t), min(max, t)].
+            mse computes the symmetric threshold t on |x| and returns
+            [max(min, -t), min(max, t)]; entropy searches a threshold for each side of a
+            tensor of both signs apart (`entropy_sides`), t+ and t-, and returns
+            [max(min, -t-), min(max, t+)] (symmetric: the larger of the two).
         percentile: for "percentile", in (0, 100].
         bins: histogram bins for the histogram methods (at least 128).
         samples: use at most this many samples, the first ones in the dataset's order.
@@ -178,6 +181,8 @@ class _Settings:
             key["percentile"] = self.percentile
         if self.method in ("entropy", "mse") and self.precision != "int8":
             key["precision"] = self.precision  # int8 keys stay as they were before fp8
+        if self.method == "entropy":
+            key["signs"] = "apart"  # ranges cached before the sides were kept apart differ
         return key
 
 
@@ -300,18 +305,13 @@ class _Run:
         self, targets: Sequence[Target], extremes: Mapping[str, Extremes], settings: _Settings
     ) -> tuple[dict[str, TensorRange], list[str]]:
         """Ranges from pass two, and the tensors it found inf or NaN in."""
-        absolute = settings.symmetric or settings.method != "percentile"
         histograms: dict[str, Histogram] = {}
         results: dict[str, TensorRange] = {}
         for target in targets:
             seen = extremes[target.name]
-            low, high = float(seen.low), float(seen.high)
-            if absolute:
-                low, high = 0.0, max(abs(low), abs(high))
-            if high > low:
-                histograms[target.name] = Histogram(
-                    low, high, settings.bins, absolute=absolute, track_top=settings.method == "mse"
-                )
+            hist = _histogram_for(float(seen.low), float(seen.high), settings)
+            if hist is not None:
+                histograms[target.name] = hist
             else:  # a constant tensor: its range is that value
                 results[target.name] = _minmax_range(target, seen, settings)
         todo = [t for t in targets if t.name in histograms]
@@ -380,6 +380,40 @@ def _minmax_range(target: Target, seen: Extremes, settings: _Settings) -> Tensor
     return TensorRange(target.name, seen.low, seen.high, target.axis, method, samples)
 
 
+def _histogram_for(low: float, high: float, settings: _Settings) -> Histogram | None:
+    """The empty histogram pass two counts a tensor seen in [low, high] into (None for a
+    constant tensor).
+
+    Symmetric ranges, entropy and mse count |x| over [0, amax], except entropy on a tensor
+    of both signs: it counts x over [-amax, amax] in twice the bins (the same bin width), so
+    that its search keeps the two sides apart (`entropy_sides`). Signed percentile ranges
+    count x over [low, high]."""
+    amax = max(abs(low), abs(high))
+    if settings.method == "entropy" and low < 0.0 < high:
+        return Histogram(-amax, amax, 2 * settings.bins, absolute=False)
+    absolute = settings.symmetric or settings.method != "percentile"
+    if absolute:
+        low, high = 0.0, amax
+    if not high > low:
+        return None
+    return Histogram(
+        low, high, settings.bins, absolute=absolute, track_top=settings.method == "mse"
+    )
+
+
+def _entropy_thresholds(hist: Histogram, precision: Grid) -> tuple[float, float]:
+    """The entropy thresholds (of the values >= 0, of the magnitudes of those < 0): from an
+    |x| histogram one threshold for both, from a signed one over [-amax, amax] one per
+    side, each searched on its own (`entropy_sides`)."""
+    if hist.absolute:
+        threshold = hist.edge(entropy_bins(hist.counts, grid=precision))
+        return threshold, threshold
+    half = hist.bins // 2
+    positive, negative = hist.counts[half:], hist.counts[:half][::-1]
+    found = entropy_sides(positive, negative, grid=precision)
+    return found[0] * hist.width, found[1] * hist.width
+
+
 def _histogram_range(
     target: Target, hist: Histogram, seen: Extremes, settings: _Settings
 ) -> TensorRange:
@@ -389,10 +423,18 @@ def _histogram_range(
         low = percentile_value(hist, cut)
         high = percentile_value(hist, 1.0 - cut)
         return TensorRange(target.name, low, high, None, method, samples)
+    if method == "entropy":
+        above, below = _entropy_thresholds(hist, settings.precision)  # type: ignore[arg-type]
+        if settings.symmetric:
+            threshold = max(above, below)
+            return symmetric_range(
+                target.name, threshold, axis=None, method=method, samples=samples
+            )
+        low = max(float(seen.low), -below)
+        high = min(float(seen.high), above)
+        return TensorRange(target.name, low, high, None, method, samples)
     if method == "percentile":
         threshold = percentile_value(hist, settings.percentile / 100.0)
-    elif method == "entropy":
-        threshold = hist.edge(entropy_bins(hist.counts, grid=settings.precision))  # type: ignore[arg-type]
     else:
         threshold = hist.edge(
             mse_bins(hist.counts, top_position=hist.top_position, grid=settings.precision)  # type: ignore[arg-type]

@@ -17,11 +17,24 @@ def histogram(values: np.ndarray, bins: int) -> tuple[np.ndarray, float]:
     return counts, amax / bins
 
 
-def kl_divergences(counts: np.ndarray, levels: int = 128) -> dict[int, float]:
+def signed_histograms(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """np.histogram of the values >= 0 and of the magnitudes of those < 0, each in `bins`
+    bins over [0, amax]; returns (positive, negative, bin width)."""
+    x = values.astype(np.float64).ravel()
+    amax = float(np.abs(x).max())
+    positive, _ = np.histogram(x[x >= 0], bins=bins, range=(0.0, amax))
+    negative, _ = np.histogram(-x[x < 0], bins=bins, range=(0.0, amax))
+    return positive, negative, amax / bins
+
+
+def kl_divergences(
+    counts: np.ndarray, levels: int = 128, *, zero_spike: bool = True
+) -> dict[int, float]:
     """KL(P || Q) for every candidate i in levels..n, as in TensorRT's calibration (with
-    pytorch-quantization's first bin set to the second's count)."""
+    pytorch-quantization's first bin set to the second's count, unless not `zero_spike`)."""
     hist = counts.astype(np.float64).copy()
-    hist[0] = hist[1]
+    if zero_spike:
+        hist[0] = hist[1]
     n = len(hist)
     total = hist.sum()
     result = {}
@@ -49,6 +62,19 @@ def kl_divergences(counts: np.ndarray, levels: int = 128) -> dict[int, float]:
                 kl += pj * np.log(pj / max(qj, 1e-12))
         result[i] = kl
     return result
+
+
+def side_threshold(counts: np.ndarray, *, zero_spike: bool) -> int:
+    """The entropy threshold (in bins) of one side searched on its own: the least KL, ties
+    to the largest candidate unless the least KL holds from some candidate to the end (then
+    the first of those); 0 for a side without values."""
+    if not counts.any():
+        return 0
+    divergences = kl_divergences(counts, zero_spike=zero_spike)
+    best = min(divergences.values())
+    ties = sorted(i for i, d in divergences.items() if d == best)
+    to_end = ties[-1] == max(divergences) and ties == list(range(ties[0], ties[-1] + 1))
+    return ties[0] if to_end and len(ties) > 1 else ties[-1]
 
 
 def quantization_mse(values: np.ndarray, threshold: float) -> float:

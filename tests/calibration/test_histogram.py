@@ -10,6 +10,7 @@ from graphopt.calibration import histogram as hist_module
 from graphopt.calibration.histogram import (
     Histogram,
     entropy_bins,
+    entropy_sides,
     mse_bins,
     mse_errors,
     percentile_value,
@@ -142,6 +143,56 @@ def test_entropy_clips_heavy_tails_and_keeps_light_ones() -> None:
     )
     assert entropy_bins(heavy.counts) < 1024  # t(2.5) tails: clip well inside the max
     assert entropy_bins(uniform.counts) > 1900  # nothing to gain from clipping
+
+
+def _hard_swish(x: np.ndarray) -> np.ndarray:
+    return x * np.clip(x / 6 + 0.5, 0, 1)
+
+
+def test_entropy_keeps_the_positive_tail_of_a_hard_swish_output() -> None:
+    # PP-OCRv4's failure (CER 100 %): most values of a hard-swish output are negative and
+    # small (down to -0.375, with a density spike at that minimum), the signal is the
+    # positive tail. On |x| the KL search put the threshold at the end of the negative side,
+    # where the clipped positive tail hides in a bin the negative side fills.
+    rng = np.random.default_rng(0)
+    y = _hard_swish(rng.normal(-1.5, 1.2, 400_000)).astype(np.float32)
+    bins = 2048
+    positive, negative, width = bruteforce.signed_histograms(y, bins)
+    folded = entropy_bins(positive + negative) * width
+    assert abs(folded - 0.375) < 0.02  # the old search: a tenth of the range
+    assert np.mean(y > folded) > 0.03  # clipped 3 % of the values
+    above, below = entropy_sides(positive, negative)
+    assert below * width >= 0.375  # the negative side fits below its threshold
+    assert np.mean(y > above * width) < 1e-3  # the tail is kept
+    assert above > 4 * below  # the symmetric range takes the larger: the positive one
+
+
+def test_entropy_is_not_won_by_a_narrow_side() -> None:
+    # A hard-swish output scaled and shifted per channel (the affine after PP-LCNet's
+    # activations): half the values in a narrow band below zero. On |x| that band's edge is
+    # a cliff the KL search stops at, clipping the positive tail.
+    rng = np.random.default_rng(1)
+    y = _hard_swish(rng.normal(-1.0, 2.0, 400_000)) * 0.1
+    y = np.where(y < 0, y * 0.05, y).astype(np.float32)
+    positive, negative, width = bruteforce.signed_histograms(y, 2048)
+    assert np.mean(y > entropy_bins(positive + negative) * width) > 0.02
+    above, below = entropy_sides(positive, negative)
+    assert above == entropy_bins(positive)  # TensorRT's search on the positive side alone
+    assert below == 128  # the band fits under the smallest candidate
+    assert np.mean(y > above * width) < 1e-3
+
+
+def test_entropy_sides_of_one_sign() -> None:
+    x = _samples("relu", 20000)
+    positive, negative, _ = bruteforce.signed_histograms(x, 512)
+    assert entropy_sides(positive, negative) == (entropy_bins(positive), 0)
+    single = np.zeros(512)
+    single[40] = 7
+    assert entropy_sides(positive, single)[1] == 128  # flat KL: the least threshold
+    with pytest.raises(ValueError, match="differ in shape"):
+        entropy_sides(positive, negative[:-1])
+    with pytest.raises(ValueError, match="with counts"):
+        entropy_sides(np.zeros(512), np.zeros(512))
 
 
 def test_entropy_needs_enough_bins() -> None:
