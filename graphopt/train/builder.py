@@ -36,6 +36,22 @@ CONTROL_FLOW = {"If", "Loop", "Scan", "SequenceMap"}
 LOSS = "loss"
 GRAD_PREFIX = "grad."
 
+# Ops whose first output has the element type of input 0 (and, for the first set, its shape
+# too). ONNX shape inference leaves some of them untyped (GroupNormalization at opset 18/21
+# in onnx 1.x); without a type the builder cannot tell a float output from an integer one.
+SAME_SHAPE_AS_INPUT0 = frozenset({
+    "Abs", "BatchNormalization", "Clip", "Erf", "Exp", "Gelu", "GroupNormalization",
+    "HardSigmoid", "HardSwish", "Identity", "InstanceNormalization", "LayerNormalization",
+    "LeakyRelu", "Log", "LogSoftmax", "Neg", "Reciprocal", "Relu", "Sigmoid", "Softmax",
+    "Sqrt", "Tanh",
+})  # fmt: skip
+SAME_TYPE_AS_INPUT0 = SAME_SHAPE_AS_INPUT0 | {
+    "Add", "AveragePool", "Concat", "Conv", "ConvTranspose", "Div", "Flatten", "Gather",
+    "GatherElements", "Gemm", "GlobalAveragePool", "MatMul", "Max", "MaxPool", "Min", "Mul",
+    "Pad", "Pow", "ReduceMean", "ReduceSum", "Reshape", "Resize", "Slice", "Split", "Squeeze",
+    "Sub", "Sum", "Transpose", "Unsqueeze",
+}  # fmt: skip
+
 
 @dataclass
 class TrainingGraph:
@@ -53,6 +69,8 @@ class TrainingGraph:
             graphopt.train.qat), with what turns them back into integers.
         frozen_quantized: integer weights behind a DequantizeLinear left untrained, with
             the reason.
+        untied: Identity output -> the initializer it copied (`untie_identities`): in the
+            training graph the output is an initializer of its own (trainable when chosen).
     """
 
     proto: onnx.ModelProto
@@ -64,6 +82,7 @@ class TrainingGraph:
     outputs: list[str] = field(default_factory=list)
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
     frozen_quantized: dict[str, str] = field(default_factory=dict)
+    untied: dict[str, str] = field(default_factory=dict)
 
     @property
     def trainables(self) -> list[str]:
@@ -78,6 +97,7 @@ def build_training_graph(
     input_shapes: Mapping[str, Sequence[int | str]] | None = None,
     outputs: Sequence[str] = (),
     qat: bool | None = None,
+    untie_identities: bool = True,
 ) -> TrainingGraph:
     """Build the forward + loss + backward graph of `model` (which is not modified).
 
@@ -95,6 +115,13 @@ def build_training_graph(
             `trainables` is None, becomes a float shadow trained through a QuantizeLinear by
             the straight-through estimator. None (the default) does so where there are such
             weights; True also fails when there are none; False never does.
+        untie_identities: give every `Identity(initializer)` its own copy of the value, as
+            an initializer named after the Identity's output (recorded in
+            `TrainingGraph.untied`). torch.onnx.export deduplicates identical initializers
+            (fresh BatchNorm ones and zeros) behind Identity nodes; untied, distinct weights
+            train separately and frozen statistics that shared a trained weight's value stay
+            frozen. False trains a shared value as one tensor (its gradient the sum over its
+            uses).
 
     Raises:
         GradientError: an op without a gradient rule on the path from a trainable to the loss,
@@ -108,6 +135,7 @@ def build_training_graph(
     proto = _prepared_proto(model, input_shapes)
     graph = proto.graph
     _refuse_graph_level(graph)
+    untied = _untie_identities(graph) if untie_identities else {}
     quantized, frozen_quantized = unfold(
         proto, requested=trainables, qat=qat, prefix=_free_prefix("qat", _all_names(graph))
     )
@@ -168,8 +196,8 @@ def build_training_graph(
     shapes, types = _infer(staged_model)
     forward = list(staged_model.graph.node)
 
-    active = _active(forward, set(initial), types)
     relevant = _relevant(forward, LOSS)
+    active = _active(forward, set(initial), types, relevant)
     _refuse_unsupported(forward, active, relevant)
 
     em = Emitter(
@@ -233,6 +261,7 @@ def build_training_graph(
         outputs=list(outputs),
         quantized=quantized,
         frozen_quantized=frozen_quantized,
+        untied=untied,
     )
 
 
@@ -281,6 +310,32 @@ def _opset(proto: onnx.ModelProto) -> int:
 
 
 def _infer(proto: onnx.ModelProto) -> tuple[dict[str, Shape | None], dict[str, int]]:
+    """Shapes and element types by value name, from ONNX shape inference; where inference
+    leaves the output of a type-preserving op untyped (SAME_TYPE_AS_INPUT0), it is declared
+    from input 0 and inference runs again."""
+    shapes, types = _infer_once(proto)
+    annotated: onnx.ModelProto | None = None
+    for _ in range(len(proto.graph.node)):
+        missing = [
+            n for n in proto.graph.node
+            if n.op_type in SAME_TYPE_AS_INPUT0 and n.domain in ("", "ai.onnx") and n.input
+            and n.output[0] and n.output[0] not in types and n.input[0] in types
+        ]  # fmt: skip
+        if not missing:
+            break
+        if annotated is None:
+            annotated = onnx.ModelProto()
+            annotated.CopyFrom(proto)
+        for n in missing:
+            shape = shapes.get(n.input[0]) if n.op_type in SAME_SHAPE_AS_INPUT0 else None
+            annotated.graph.value_info.append(
+                helper.make_tensor_value_info(n.output[0], types[n.input[0]], shape)
+            )
+        shapes, types = _infer_once(annotated)
+    return shapes, types
+
+
+def _infer_once(proto: onnx.ModelProto) -> tuple[dict[str, Shape | None], dict[str, int]]:
     inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     shapes: dict[str, Shape | None] = {}
     types: dict[str, int] = {}
@@ -349,6 +404,38 @@ def _refuse_graph_level(graph: onnx.GraphProto) -> None:
         )
 
 
+def _untie_identities(graph: onnx.GraphProto) -> dict[str, str]:
+    """Replace each Identity of a float initializer (or of an untied output) by an
+    initializer of its own, named after its output; return output -> the initializer it
+    copied (the root of an Identity chain). Graph outputs stay Identity nodes."""
+    inits = {t.name: t for t in graph.initializer}
+    outputs = {v.name for v in graph.output}
+    untied: dict[str, str] = {}
+    kept = []
+    for node in graph.node:
+        source = node.input[0] if node.op_type == "Identity" and node.input else None
+        if (
+            source is not None
+            and node.domain in ("", "ai.onnx")
+            and source in inits
+            and inits[source].data_type in FLOAT_TYPES
+            and node.output[0] not in outputs
+            and node.output[0] not in inits
+        ):
+            copy = onnx.TensorProto()
+            copy.CopyFrom(inits[source])
+            copy.name = node.output[0]
+            graph.initializer.append(copy)
+            inits[copy.name] = copy
+            untied[copy.name] = untied.get(source, source)
+        else:
+            kept.append(node)
+    if untied:
+        del graph.node[:]
+        graph.node.extend(kept)
+    return untied
+
+
 def _choose_trainables(
     graph: onnx.GraphProto,
     inits: dict[str, onnx.TensorProto],
@@ -405,17 +492,36 @@ def _elem_type(names: list[str], inits: dict[str, onnx.TensorProto]) -> int:
 # ---------------------------------------------------------------------------- analysis
 
 
-def _active(nodes: list[onnx.NodeProto], trainables: set[str], types: dict[str, int]) -> set[str]:
+def _active(
+    nodes: list[onnx.NodeProto], trainables: set[str], types: dict[str, int], relevant: set[str]
+) -> set[str]:
     """Tensors that depend on a trainable through differentiable inputs (float ones only, and
-    the quantized outputs the straight-through estimator differentiates)."""
+    the quantized outputs the straight-through estimator differentiates).
+
+    Raises:
+        GradientError: a node on the path to the loss whose output type is unknown after
+            shape inference (its gradient would silently be dropped).
+    """
     active = set(trainables)
     for node in nodes:
         if any(
             name in active and differentiable(node.op_type, i) for i, name in enumerate(node.input)
         ):
             for out in node.output:
-                if out and (types.get(out) in FLOAT_TYPES or node.op_type in STRAIGHT_THROUGH):
+                if not out:
+                    continue
+                if node.op_type in STRAIGHT_THROUGH or types.get(out) in FLOAT_TYPES:
                     active.add(out)
+                elif out not in types and out in relevant:
+                    raise GradientError(
+                        f"Cannot build the gradient of {node.op_type} node "
+                        f"'{node.name or '(unnamed)'}': ONNX shape inference left the type of "
+                        f"its output '{out}' unknown, so it cannot tell whether a gradient "
+                        "flows through it.",
+                        hint="Declare the output's type in the model's value_info (e.g. run "
+                        "onnx.shape_inference with a newer onnx), or fix the input shapes "
+                        "(input_shapes=).",
+                    )
     return active
 
 

@@ -1,15 +1,21 @@
 """Train a model's initializers on ONNX Runtime with its training graph.
 
-`Trainer` builds the training graph once, opens one ONNX Runtime session through
-graphopt.runtime, and keeps the weights in numpy: each step feeds the weights and a batch,
-reads the loss and the gradients, multiplies each gradient by its pruning keep-mask (from
-`model.metadata["masks"]`, so pruned weights stay exactly zero) and lets the optimizer update
-the weights. `trained_model()` writes the weights back into a copy of the unchanged inference
-graph; the float shadows of quantized weights (quantization-aware training, graphopt.train.qat)
-go back quantized, into the original integer initializers, so dtypes stay as they were.
+`Trainer` builds the training graph once and opens one ONNX Runtime session through
+graphopt.runtime. By default the optimizer step is part of that graph
+(graphopt.train.update): each step feeds a batch, the weights, the optimizer state and the
+hyperparameters, and reads back the loss, the updated weights and the updated state; the
+gradients are multiplied by the pruning keep-masks (from `model.metadata["masks"]`) inside the
+graph, so pruned weights stay exactly zero. With `optimizer_in_graph=False` (or an optimizer
+other than SGD/AdamW) the graph stops at the gradients and the numpy optimizer updates the
+weights. Either way the weights live in `Trainer.params` (numpy, read and assignable) and the
+optimizer state in the optimizer object.
 
-On CUDA the session runs, but weights and gradients cross the PCIe bus every step: IO binding
-with device-resident weights and an in-graph optimizer are the next step (untested here).
+`trained_model()` writes the weights back into a copy of the inference graph; the float
+shadows of quantized weights (quantization-aware training, graphopt.train.qat) go back
+quantized, into the original integer initializers, so dtypes stay as they were.
+
+On CUDA the session runs, but weights and state still cross the PCIe bus every step (they are
+numpy arrays between steps): binding them as device-resident OrtValues is the next step.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from graphopt.runtime import Device, Session, create_session
 from graphopt.train.builder import TrainingGraph, build_training_graph
 from graphopt.train.losses import Loss
 from graphopt.train.optim import Optimizer
+from graphopt.train.update import UpdateGraph, state_store, update_key, with_update
 
 
 @dataclass
@@ -48,6 +55,17 @@ class Trainer:
         device, threads: for the ONNX Runtime session (graphopt.runtime.create_session).
         use_masks: multiply gradients by the pruning masks in `model.metadata["masks"]`
             (a quantized weight's mask may be stored under its float weight's name).
+        optimizer_in_graph: run SGD/AdamW as ONNX nodes in the training graph
+            (graphopt.train.update); False, or another optimizer, steps in numpy. Both give
+            the same weights to float rounding; the optimizer's hyperparameters (`lr`, ...)
+            may change between steps either way.
+        untie_identities: see `build_training_graph`.
+
+    Attributes:
+        params: trainable name -> its current value (numpy; may be replaced, e.g. by a
+            saved copy of the best weights, between steps).
+        graph: the training graph (without the update).
+        update: the training graph with the update, when the optimizer runs in the graph.
     """
 
     def __init__(
@@ -63,6 +81,8 @@ class Trainer:
         threads: int | None = None,
         use_masks: bool = True,
         qat: bool | None = None,
+        optimizer_in_graph: bool = True,
+        untie_identities: bool = True,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -73,12 +93,16 @@ class Trainer:
             input_shapes=input_shapes,
             outputs=outputs,
             qat=qat,
-        )
-        self.session: Session = create_session(
-            _source(self.graph.proto), device=device, threads=threads
+            untie_identities=untie_identities,
         )
         self.params = {k: np.array(v, copy=True) for k, v in self.graph.initial.items()}
         self.masks = _masks(model, self.params, self.graph) if use_masks else {}
+        self._device, self._threads = device, threads
+        self.update: UpdateGraph | None = None
+        if optimizer_in_graph and update_key(optimizer) is not None:
+            self.update = with_update(self.graph, optimizer, self.masks)
+        proto = self.update.proto if self.update is not None else self.graph.proto
+        self.session: Session = create_session(_source(proto), device=device, threads=threads)
         self.steps = 0
 
     @property
@@ -89,41 +113,130 @@ class Trainer:
         self, feeds: Mapping[str, np.ndarray]
     ) -> tuple[float, dict[str, np.ndarray], dict[str, np.ndarray]]:
         """(loss, masked gradients by trainable, exposed outputs) at the current weights."""
-        missing = [n for n in self.feeds_needed if n not in feeds]
-        if missing:
-            raise DataError(
-                f"The training step needs the input(s) {', '.join(missing)}.",
-                hint=f"Feed {', '.join(self.feeds_needed)}.",
-            )
         graph = self.graph
         names = [graph.loss, *graph.gradients.values(), *graph.outputs]
-        values = self.session.run({**dict(feeds), **self.params}, names)
+        if self.update is not None:
+            values = self.session.run(self._update_feeds(feeds, self.steps + 1), names)
+        else:
+            values = self.session.run({**self._checked(feeds), **self.params}, names)
         grads = {}
         for name, out in graph.gradients.items():
             g = values[out]
-            mask = self.masks.get(name)
+            mask = self.masks.get(name) if self.update is None else None
             grads[name] = g * mask if mask is not None else g
         outputs = {name: values[name] for name in graph.outputs}
         return float(values[graph.loss]), grads, outputs
 
     def step(self, feeds: Mapping[str, np.ndarray]) -> StepResult:
         """One optimizer step on one batch."""
-        loss, grads, outputs = self.gradients(feeds)
-        self.optimizer.step(self.params, grads)
+        update = self.update
+        if update is not None and update_key(self.optimizer) != update.key:
+            # Another optimizer, or one whose baked-in structure (Nesterov, momentum on or
+            # off) changed: rebuild the graph with its update.
+            update = self.update = with_update(self.graph, self.optimizer, self.masks)
+            self.session = create_session(
+                _source(update.proto), device=self._device, threads=self._threads
+            )
+        if update is None:
+            loss, grads, outputs = self.gradients(feeds)
+            self.optimizer.step(self.params, grads)
+            self.steps += 1
+            return StepResult(loss=loss, outputs=outputs)
+        count = _advance(self.optimizer)
+        graph = self.graph
+        new_state = list(update.state_outputs.items())
+        names = [graph.loss, *graph.outputs, *update.new_weights.values()]
+        names += [out for _, out in new_state]
+        values = self.session.run(self._update_feeds(feeds, count), names)
+        for name, out in update.new_weights.items():
+            self.params[name] = values[out]
+        for (slot, name), out in new_state:
+            state_store(self.optimizer, slot)[name] = values[out]
         self.steps += 1
-        return StepResult(loss=loss, outputs=outputs)
+        outputs = {name: values[name] for name in graph.outputs}
+        return StepResult(loss=float(values[graph.loss]), outputs=outputs)
+
+    def _checked(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [n for n in self.feeds_needed if n not in feeds]
+        if missing:
+            raise DataError(
+                f"The training step needs the input(s) {', '.join(missing)}.",
+                hint=f"Feed {', '.join(self.feeds_needed)}.",
+            )
+        return dict(feeds)
+
+    def _update_feeds(self, feeds: Mapping[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
+        """The feeds of the update graph: batch, weights, optimizer state (zeros before the
+        first step), hyperparameters for step number `count`."""
+        update = self.update
+        assert update is not None
+        out = self._checked(feeds)
+        out.update(self.params)
+        for (slot, name), input_name in update.state_inputs.items():
+            store = state_store(self.optimizer, slot)
+            value = store.get(name)
+            if value is None:
+                value = np.zeros_like(self.params[name])
+            out[input_name] = value
+        out.update(update.hyper_feeds(self.optimizer, count))
+        return out
 
     def trained_model(self) -> Model:
-        """A copy of the model with the trained weights; its node list and initializer
-        dtypes are unchanged (float shadows are quantized back into their integers)."""
+        """A copy of the model with the trained weights (see `write_weights`)."""
         out = self.model.copy()
-        initializers = out.graph.initializers
+        self.write_weights(out)
+        return out
+
+    def write_weights(self, model: Model) -> None:
+        """Write the trained weights into `model` (the trained model or one with the same
+        initializer and Identity names), in place.
+
+        Initializer dtypes stay as they were (float shadows are quantized back into their
+        integers). The node list is unchanged, except for Identity nodes that the builder
+        untied (`untie_identities`) whose value changed: such an `Identity(shared)` is
+        replaced by an initializer of its own, named after its output, holding its trained
+        value (or, when only the shared source trained, the value it had). So two BatchNorm
+        layers that torch.onnx.export tied to one initializer come back with their own
+        weights.
+        """
+        graph = model.graph
+        initializers = graph.initializers
+        untied = {
+            out: source
+            for out, source in self.graph.untied.items()
+            if out in self.params or source in self.params
+        }
+        # Values of the untied copies that did not train: read before the sources change.
+        frozen = {}
+        for out, source in untied.items():
+            if out not in self.params and out not in initializers:
+                frozen[out] = initializers[source].const_value.numpy().copy()
         for name, value in self.params.items():
             quantized = self.graph.quantized.get(name)
             if quantized is not None:
                 value = quantized.quantize(value)
-            initializers[name].const_value = ir.tensor(value, name=name)
-        return out
+            if name in initializers:
+                initializers[name].const_value = ir.tensor(value, name=name)
+        identities = {
+            node.outputs[0].name: node
+            for node in graph
+            if node.op_type == "Identity" and node.domain in ("", "ai.onnx")
+        }
+        for out in untied:
+            if out in initializers:
+                continue  # written above (a model whose Identity was already replaced)
+            value = self.params[out] if out in self.params else frozen[out]
+            node = identities[out]
+            old = node.outputs[0]
+            new = ir.Value(
+                shape=ir.Shape(value.shape),
+                type=old.type,
+                const_value=ir.tensor(np.array(value, copy=True), name=out),
+            )
+            ir.convenience.replace_all_uses_with(old, new)
+            graph.remove(node, safe=True)
+            new.name = out
+            graph.register_initializer(new)
 
 
 def _source(proto: onnx.ModelProto) -> bytes | Model:
@@ -141,6 +254,15 @@ _FLOAT8 = {
     onnx.TensorProto.FLOAT8E5M2,
     onnx.TensorProto.FLOAT8E5M2FNUZ,
 }
+
+
+def _advance(optimizer: Optimizer) -> int:
+    """Count one more step where the optimizer keeps its count (AdamW); return it."""
+    count = getattr(optimizer, "_t", None)
+    if count is None:
+        return 0
+    optimizer._t = count + 1  # type: ignore[union-attr]
+    return count + 1
 
 
 def _masks(

@@ -211,45 +211,12 @@ CASES = [
 ]  # fmt: skip
 
 
-def _infer_through_group_norm(infer):
-    """builder._infer, plus GroupNormalization's output (its input's type and shape), which
-    ONNX shape inference leaves unknown: without it the builder sees no float output there
-    and silently passes no gradient (see test_group_norm_needs_the_builder_to_know_its_output)."""
-
-    def patched(proto: onnx.ModelProto):
-        shapes, types = infer(proto)
-        unknown = [
-            n for n in proto.graph.node
-            if n.op_type == "GroupNormalization" and n.output[0] not in types
-            and n.input[0] in types
-        ]  # fmt: skip
-        if not unknown:
-            return shapes, types
-        annotated = onnx.ModelProto()
-        annotated.CopyFrom(proto)
-        for n in unknown:
-            shape = shapes.get(n.input[0])
-            annotated.graph.value_info.append(
-                helper.make_tensor_value_info(n.output[0], types[n.input[0]], shape)
-            )
-        return infer(annotated)
-
-    return patched
-
-
-@pytest.fixture
-def builder_knows_group_norm(monkeypatch):
-    monkeypatch.setattr(builder, "_infer", _infer_through_group_norm(builder._infer))
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-@pytest.mark.usefixtures("builder_knows_group_norm")
 def test_gradient_matches_finite_differences(case: Case):
     base.test_gradient_matches_finite_differences(case)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-@pytest.mark.usefixtures("builder_knows_group_norm")
 def test_gradient_matches_torch(case: Case):
     if case.torch is None:
         pytest.skip("PyTorch has no equivalent of this case")
@@ -257,23 +224,30 @@ def test_gradient_matches_torch(case: Case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-@pytest.mark.usefixtures("builder_knows_group_norm")
 def test_onnxruntime_float32_matches_float64(case: Case):
     base.test_onnxruntime_float32_matches_float64(case)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="builder: ONNX shape inference does not type GroupNormalization's output, so "
-    "_active drops it and the gradient is silently zero (needs a builder change)",
-)
-def test_group_norm_needs_the_builder_to_know_its_output():
+def test_group_norm_output_is_typed_by_the_builder():
+    # ONNX shape inference leaves GroupNormalization's output untyped; the builder declares
+    # it from input 0, so the gradient is not silently zero.
     x, scale, bias = rand(2, 4, 3), rand(4), rand(4)
     model = op_model("GroupNormalization", {"x": x, "s": scale, "b": bias}, {"num_groups": 2},
                      opset=21)  # fmt: skip
     graph = build_training_graph(model, [Loss.mse("y")])
     _, grads = Reference(graph).run(_targets(graph), graph.initial)
     assert np.abs(grads["s"]).max() > 0
+
+
+def test_untyped_output_on_the_gradient_path_is_refused(monkeypatch):
+    # Without the fill-in, an untyped output with an active input is an error, not a
+    # silently dropped gradient.
+    monkeypatch.setattr(builder, "SAME_TYPE_AS_INPUT0", frozenset())
+    x, scale, bias = rand(2, 4, 3), rand(4), rand(4)
+    model = op_model("GroupNormalization", {"x": x, "s": scale, "b": bias}, {"num_groups": 2},
+                     opset=21)  # fmt: skip
+    with pytest.raises(GradientError, match=r"GroupNormalization node .* type of its output"):
+        build_training_graph(model, [Loss.mse("y")])
 
 
 # ---------------------------------------------------------------------------- small models
