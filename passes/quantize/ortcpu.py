@@ -22,9 +22,13 @@ slower, no saturation, the full 8 bits).
     so ORT drops their Q/DQ and moves int8 data;
   - AveragePool, GlobalAveragePool, LeakyRelu, Sigmoid with a quantized input get a quantized
     output (QLinear* kernels);
-  - Add, Mul (QLinearAdd, QLinearMul) and Concat (QLinearConcat) with at least one quantized
-    input, and only run-time float inputs, get every input and the output quantized (after a
-    following Relu, as for Conv).
+  - Add and Mul (QLinearAdd, QLinearMul) whose run-time inputs are all quantized already,
+    and Concat (QLinearConcat) with at least one quantized input and only run-time float
+    inputs, get every input and the output quantized (after a following Relu, as for
+    Conv). An Add/Mul with an input from a float op is left in float: quantizing that input
+    adds a rounding that saves no int8 data. A hard-swish x * HardSigmoid(x) after a
+    QLinearConv is such a Mul (ORT has no integer HardSigmoid); with its gate and product
+    quantized, PP-OCRv4's u8u8 minmax CER was 3.05 % instead of 1.12 % (200 lines).
 - Every reader of a quantized tensor reads the dequantized value (ORT's fusions need the
   producer to feed only Q), except ops the user excluded, which keep reading the float value.
   Graph outputs are never quantized.
@@ -146,6 +150,8 @@ def _grow(node: ir.Node, plan: Plan) -> bool:
         inputs = [v for v in node.inputs if v is not None]
         if not any(v.name in plan for v in inputs):
             return False
+        if op != "Concat" and not all(v.name in plan for v in inputs):
+            return False  # an input from a float op: see the module docstring
         if not all(_quantizable(v) for v in inputs):
             return False
         output = _after_relu(y) if op != "Concat" else y
