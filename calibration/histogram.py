@@ -91,7 +91,9 @@ class Histogram:
         native = flat.dtype in (np.float16, np.float32, np.float64)
         work = np.float64 if flat.dtype == np.float64 else np.float32
         scaled = np.empty(min(flat.size, CHUNK_ELEMENTS), dtype=work)
-        index = np.empty(scaled.size, dtype=np.intp)
+        # int32: the float32 -> int32 cast is vectorised where float32 -> int64 is not (without
+        # AVX-512), 13 % of the counting time; np.bincount widens the indices itself.
+        index = np.empty(scaled.size, dtype=np.int32)
         for start in range(0, flat.size, CHUNK_ELEMENTS):
             chunk = flat[start : start + CHUNK_ELEMENTS]
             if not native:  # bfloat16 and other ml_dtypes: numpy ufuncs want a cast first
