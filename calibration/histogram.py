@@ -240,8 +240,9 @@ def entropy_sides(
     and the zero-spike rule applies to the side holding the exact zeros (`positive`). A
     symmetric range takes the larger threshold: neither side is clipped beyond what its
     own distribution justifies, and the other only loses resolution. A side with no values
-    gives 0. Ties go to the largest i, except that a side whose KL is flat from some i on
-    (a side in one bin) returns the smallest such i, not the whole range.
+    gives 0, a positive side with values in its first bin only gives `levels`. Ties go to
+    the largest i, except that a side whose KL is flat from some i on (a side in one bin)
+    returns the smallest such i, not the whole range.
 
     Raises:
         ValueError: sides of different lengths, fewer bins than levels, no counts at all.
@@ -256,6 +257,9 @@ def entropy_sides(
     for side, zeros in ((pos, True), (neg, False)):
         if not side.any():
             found.append(0)
+            continue
+        if zeros and not side[1:].any():  # only (near-)zeros, which the zero-spike rule drops
+            found.append(levels)
             continue
         divergence = entropy_divergences(side, levels, grid=grid, zero_spike=zeros)
         ties = np.flatnonzero(divergence == divergence.min())

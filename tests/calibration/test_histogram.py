@@ -189,6 +189,9 @@ def test_entropy_sides_of_one_sign() -> None:
     single = np.zeros(512)
     single[40] = 7
     assert entropy_sides(positive, single)[1] == 128  # flat KL: the least threshold
+    zeros = np.zeros(512)
+    zeros[0] = 1000  # exact zeros and tiny positives: nothing left after the zero-spike rule
+    assert entropy_sides(zeros, positive) == (128, entropy_sides(np.zeros(512), positive)[1])
     with pytest.raises(ValueError, match="differ in shape"):
         entropy_sides(positive, negative[:-1])
     with pytest.raises(ValueError, match="with counts"):
