@@ -194,6 +194,9 @@ def main() -> None:
         "rows": [],
     }
 
+    last = cache / "distill_report.json"
+    previous = json.loads(last.read_text()) if last.exists() else None
+
     def save() -> None:
         (cache / "distill_report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
 
@@ -217,38 +220,43 @@ def main() -> None:
         )
         save()
 
-        log(f"pruning: cleanup, sensitivity scan, channels ratio={args.ratio} ...")
-        pruned = cleaned.copy()
-        scan_file = out / f"scan_{args.ratio}_{args.scan_lines}_{train.stem}.json"
-        if scan_file.exists():  # the scan depends only on the model, ratio and lines
-            scan = json.loads(scan_file.read_text())
+        if args.skip_prune and previous is not None:
+            report["rows"] += [r for r in previous["rows"] if r["model"].startswith("pruned")]
+            report["scan"] = previous.get("scan")
+            log("pruning and its distillation: rows reused from the last report (--skip-prune)")
         else:
-            scan = scan_groups(cleaned, ctx, train, model_path, args)
-            scan_file.write_text(json.dumps(scan, indent=1) + "\n")
-        report["scan"] = scan
-        chosen = [row["group"] for row in scan if row["cer"] <= args.max_group_cer]
-        removed = remove_groups(pruned, ctx, chosen, args.ratio)
-        pruned_path = save_model(pruned, out / f"pruned_{args.ratio}.onnx").path
-        kept = output_channels(pruned)
-        removed_share = 1 - kept / total_channels
-        row = {"model": f"pruned ({len(chosen)} groups at {args.ratio})", **_cost(pruned)}
-        row |= {"channels": kept, "channels_removed_share": round(removed_share, 4)}
-        row |= {"groups_pruned": len(chosen), "groups_scanned": len(scan)}
-        row |= {"channels_removed_in_groups": removed}
-        row |= _acc(evaluate(pruned_path, test, reference, first=False))
-        report["rows"].append(row)
-        save()
+            log(f"pruning: cleanup, sensitivity scan, channels ratio={args.ratio} ...")
+            pruned = cleaned.copy()
+            scan_file = out / f"scan_{args.ratio}_{args.scan_lines}_{train.stem}.json"
+            if scan_file.exists():  # the scan depends only on the model, ratio and lines
+                scan = json.loads(scan_file.read_text())
+            else:
+                scan = scan_groups(cleaned, ctx, train, model_path, args)
+                scan_file.write_text(json.dumps(scan, indent=1) + "\n")
+            report["scan"] = scan
+            chosen = [row["group"] for row in scan if row["cer"] <= args.max_group_cer]
+            removed = remove_groups(pruned, ctx, chosen, args.ratio)
+            pruned_path = save_model(pruned, out / f"pruned_{args.ratio}.onnx").path
+            kept = output_channels(pruned)
+            removed_share = 1 - kept / total_channels
+            row = {"model": f"pruned ({len(chosen)} groups at {args.ratio})", **_cost(pruned)}
+            row |= {"channels": kept, "channels_removed_share": round(removed_share, 4)}
+            row |= {"groups_pruned": len(chosen), "groups_scanned": len(scan)}
+            row |= {"channels_removed_in_groups": removed}
+            row |= _acc(evaluate(pruned_path, test, reference, first=False))
+            report["rows"].append(row)
+            save()
 
-        log(f"distilling the pruned model: {distill} ...")
-        start = time.perf_counter()
-        result = run_passes(pruned, [distill], ctx)
-        seconds = time.perf_counter() - start
-        distilled_path = save_model(pruned, out / f"distilled_{args.ratio}.onnx").path
-        row = {"model": "pruned + distill", **_cost(pruned), "channels": kept}
-        row |= _training(result.steps[-1].pass_stats, seconds)
-        row |= _acc(evaluate(distilled_path, test, reference, first=False))
-        report["rows"].append(row)
-        save()
+            log(f"distilling the pruned model: {distill} ...")
+            start = time.perf_counter()
+            result = run_passes(pruned, [distill], ctx)
+            seconds = time.perf_counter() - start
+            distilled_path = save_model(pruned, out / f"distilled_{args.ratio}.onnx").path
+            row = {"model": "pruned + distill", **_cost(pruned), "channels": kept}
+            row |= _training(result.steps[-1].pass_stats, seconds)
+            row |= _acc(evaluate(distilled_path, test, reference, first=False))
+            report["rows"].append(row)
+            save()
 
         if args.qat:
             calib = split(cache, "calib", 512, CALIB_SEED, model_path)
@@ -355,6 +363,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--qat", action="store_true", help="also distill the int8 model")
+    parser.add_argument(
+        "--skip-prune", action="store_true", help="reuse the last report's pruning rows"
+    )
     parser.add_argument("--qat-epochs", type=int, default=1)
     parser.add_argument("--qat-lr", type=float, default=5e-5)
     return parser.parse_args()

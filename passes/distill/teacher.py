@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 
 from graphopt.console import track
 from graphopt.data import Dataset
@@ -31,6 +32,7 @@ from graphopt.model import Model, load_model
 from graphopt.runtime import Device, create_session
 
 _SOFTMAX_OPS = ("Softmax", "LogSoftmax")
+_QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 _PROBABILITY_TOLERANCE = 1e-3
 #: Probabilities below this become log(_TINY) logits (about -69), not -inf.
 _TINY = 1e-30
@@ -79,7 +81,10 @@ def logits_view(model: Model, output: str) -> LogitsView:
             f"The model has no output '{output}'.",
             hint=f"Its outputs are {quoted_names([v.name for v in graph.outputs])}.",
         )
-    node = value.producer()
+    node = _through_qdq(value.producer())
+    flattened = _flattened_softmax(node, value)
+    if flattened is not None:
+        return LogitsView(output=output, tensor=flattened[0], axis=flattened[1])
     if node is not None and node.op_type in _SOFTMAX_OPS and node.domain in ("", "ai.onnx"):
         source = node.inputs[0]
         if source is not None and source.name:
@@ -91,6 +96,41 @@ def logits_view(model: Model, output: str) -> LogitsView:
                 axis += rank
             return LogitsView(output=output, tensor=source.name, axis=axis)
     return LogitsView(output=output, tensor=output, axis=None)
+
+
+def _flattened_softmax(node: ir.Node | None, output: ir.Value) -> tuple[str, int] | None:
+    """(logits, class axis) of Reshape(Softmax(Flatten(x, axis=r-1))): the form a softmax
+    over the last axis takes after an opset-12 model is converted to opset 13 (older
+    Softmax flattened from its axis). A flatten of several axes is not one class axis."""
+    if node is None or node.op_type != "Reshape" or output.shape is None:
+        return None
+    inner = node.inputs[0].producer() if node.inputs[0] is not None else None
+    inner = _through_qdq(inner)
+    if inner is None or inner.op_type not in _SOFTMAX_OPS:
+        return None
+    axis_attr = inner.attributes.get("axis")
+    if axis_attr is not None and int(axis_attr.as_int()) not in (-1, 1):
+        return None
+    flatten = inner.inputs[0].producer() if inner.inputs[0] is not None else None
+    if flatten is None or flatten.op_type != "Flatten" or flatten.inputs[0] is None:
+        return None
+    rank = len(output.shape)
+    attr = flatten.attributes.get("axis")
+    axis = int(attr.as_int()) if attr is not None else 1
+    axis = axis + rank if axis < 0 else axis
+    source = flatten.inputs[0]
+    if axis != rank - 1 or not source.name:
+        return None
+    return source.name, rank - 1
+
+
+def _through_qdq(node: ir.Node | None) -> ir.Node | None:
+    """The op behind a chain of QuantizeLinear/DequantizeLinear (a quantized model may
+    quantize its softmax's output)."""
+    while node is not None and node.op_type in _QDQ_OPS and node.domain in ("", "ai.onnx"):
+        source = node.inputs[0]
+        node = source.producer() if source is not None else None
+    return node
 
 
 class TeacherLogits:
