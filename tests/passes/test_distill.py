@@ -420,3 +420,53 @@ def test_cli_distill_errors(tmp_path: Path, extra: list[str], message: str) -> N
     assert result.exit_code == 1, result.output
     assert message in result.output
     assert not out.exists()
+
+
+def _tail_model(nodes: list, out_shape: list) -> Model:
+    """x[N,4,6] -> MatMul w[6,6] -> z, then `nodes` from z to y."""
+    w = numpy_helper.from_array(np.eye(6, dtype=np.float32), "w")
+    extra = [
+        numpy_helper.from_array(np.array([-1, 4, 6], np.int64), "back"),
+        numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+        numpy_helper.from_array(np.array(0, np.uint8), "zp"),
+    ]
+    proto = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["z"]), *nodes],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+        [w, *extra],
+    )
+    return Model(ir=ir.from_proto(proto))
+
+
+def test_logits_view_looks_through_qdq_and_the_opset_12_softmax_form() -> None:
+    quantized = _tail_model(
+        [
+            helper.make_node("Softmax", ["z"], ["p"], axis=-1),
+            helper.make_node("QuantizeLinear", ["p", "s", "zp"], ["q"]),
+            helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["y"]),
+        ],
+        ["N", 4, 6],
+    )
+    view = logits_view(quantized, "y")
+    assert (view.tensor, view.axis) == ("z", 2)
+    flattened = _tail_model(
+        [
+            helper.make_node("Flatten", ["z"], ["f"], axis=2),
+            helper.make_node("Softmax", ["f"], ["p"], axis=-1),
+            helper.make_node("Reshape", ["p", "back"], ["y"]),
+        ],
+        ["N", 4, 6],
+    )
+    view = logits_view(flattened, "y")
+    assert (view.tensor, view.axis) == ("z", 2)
+    joint = _tail_model(  # a softmax over axes 1 and 2 together has no single class axis
+        [
+            helper.make_node("Flatten", ["z"], ["f"], axis=1),
+            helper.make_node("Softmax", ["f"], ["p"], axis=-1),
+            helper.make_node("Reshape", ["p", "back"], ["y"]),
+        ],
+        ["N", 4, 6],
+    )
+    view = logits_view(joint, "y")
+    assert (view.tensor, view.axis) == ("y", None)
