@@ -201,6 +201,10 @@ class Session:
             ) from None
         return dict(zip(names, values, strict=True))
 
+    def end_profiling(self) -> str:
+        """Stop the profiler (see `create_session(profile=)`); return the trace's path."""
+        return str(self._session.end_profiling())
+
     def _describe_inputs(self) -> str:
         parts = []
         for arg in self._session.get_inputs():
@@ -217,6 +221,7 @@ def create_session(
     extra_outputs: Sequence[str] = (),
     workdir: Path | None = None,
     only_extra: bool = False,
+    profile: str | None = None,
 ) -> Session:
     """Load a model into ONNX Runtime.
 
@@ -231,6 +236,8 @@ def create_session(
         only_extra: expose only `extra_outputs` and drop the nodes they do not need (ONNX
             Runtime runs every node of a graph whatever outputs are fetched).
         workdir: a scratch folder, needed for models too big to pass as bytes.
+        profile: turn on ONNX Runtime's per-node profiler, writing a Chrome-trace JSON whose
+            path starts with this prefix (`Session.end_profiling` returns the path).
 
     Raises:
         RuntimeFailed: ORT refused the model, a tensor in `extra_outputs` does not exist,
@@ -267,6 +274,9 @@ def create_session(
     ort = _ort()
     ort.set_default_logger_severity(ORT_LOG_ERROR)
     options = _session_options(threads)
+    if profile is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile
     if isinstance(model, Model) and _has_float8(model):
         # ORT 1.31's QDQ fusions take float8 Q/DQ for int8 ones (QLinearConv then refuses
         # the model) and, with those off, an extended-level rewrite changes the results;
