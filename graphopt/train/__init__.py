@@ -1,8 +1,9 @@
 """The gradient engine: train a model's initializers on the ONNX graph itself.
 
 `build_training_graph` turns a model into a graph of standard ONNX ops (forward, loss,
-backward) that ONNX Runtime runs; `Trainer` steps it with a numpy optimizer and writes the
-weights back into the unchanged inference graph.
+backward) that ONNX Runtime runs; `Trainer` appends the optimizer step to it as ONNX nodes
+(graphopt.train.update; numpy optimizers as the fallback) and writes the weights back into
+the inference graph (whose node list changes only by Identity nodes of untied initializers).
 """
 
 from graphopt.train.builder import TrainingGraph, build_training_graph
