@@ -11,7 +11,9 @@ the logits behind a final Softmax, see `teacher.logits_view`), or the mean squar
 the outputs (`loss=mse`, for regression or feature outputs). When the data has labels and
 `alpha > 0`, (1-α)·distillation + α·cross-entropy on the labels.
 
-Changes: initializer values only; the node list, names and shapes stay as they are. Pruning
+Changes: initializer values; the node list, names and shapes stay as they are, except that
+an initializer torch.onnx.export tied to another behind an Identity (identical fresh
+BatchNorm parameters) comes back as an initializer of its own, replacing the Identity. Pruning
 masks in the model's metadata are applied to the gradients, so pruned weights stay exactly
 zero. BatchNormalization keeps its running statistics (inference mode). Lossy by design:
 validate the result (the pipeline compares it with the original on --val-data).
@@ -29,7 +31,7 @@ from graphopt.data.checks import names as quoted_names
 from graphopt.errors import DataError
 from graphopt.model import Model
 from graphopt.passes.base import Pass, PassResult, option, register_pass
-from graphopt.passes.distill.loop import LoopSettings, Outcome, Target, copy_initializers, run_loop
+from graphopt.passes.distill.loop import LoopSettings, Outcome, Target, run_loop
 from graphopt.passes.distill.teacher import (
     LogitsView,
     TeacherLogits,
@@ -227,5 +229,5 @@ def _result(
         )
         return PassResult(modified=False, stats=stats, warnings=warnings)
     trainer.params = outcome.params
-    copy_initializers(trainer.trained_model(), model)
+    trainer.write_weights(model)
     return PassResult(modified=True, stats=stats, warnings=warnings)

@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx_ir as ir
 
 from graphopt import console
 from graphopt.data import Dataset
@@ -387,7 +386,7 @@ class _Evaluator:
 
     def __call__(self, trainer: Trainer, holdout: _Samples) -> HoldoutScore:
         model = self.student.copy()
-        copy_initializers(trainer.trained_model(), model)
+        trainer.write_weights(model)
         tensors = list(dict.fromkeys([t.tensor for t in self.targets] + self.outputs))
         session = create_session(
             model, device=self.device, threads=self.threads, extra_outputs=tensors
@@ -449,15 +448,3 @@ def _score_text(score: HoldoutScore) -> str:
 
 def _say(line: str) -> None:
     console.err.print(f"  distill: {line}")
-
-
-def copy_initializers(source: Model, target: Model) -> None:
-    """Write `source`'s values into the initializers of `target` that have the same names
-    (the training copy has the same weights, plus folded shape constants)."""
-    initializers = target.graph.initializers
-    for name, value in source.graph.initializers.items():
-        if name in initializers and value.const_value is not None:
-            old = initializers[name].const_value
-            new = value.const_value.numpy()
-            if old is None or not np.array_equal(old.numpy(), new):
-                initializers[name].const_value = ir.tensor(new, name=name)

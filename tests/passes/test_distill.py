@@ -470,3 +470,43 @@ def test_logits_view_looks_through_qdq_and_the_opset_12_softmax_form() -> None:
     )
     view = logits_view(joint, "y")
     assert (view.tensor, view.axis) == ("y", None)
+
+
+def test_identity_shared_weights_come_back_untied(tmp_path: Path) -> None:
+    """torch.onnx.export ties identical initializers behind Identity nodes; after distill the
+    two layers have their own trained biases (the Identity becomes an initializer)."""
+    rng = np.random.default_rng(3)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.zeros(8, np.float32), "b"),
+    ]
+    nodes = [
+        helper.make_node("Identity", ["b"], ["b_copy"]),
+        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node("Add", ["h", "b"], ["hb"]),
+        helper.make_node("Relu", ["hb"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["z"]),
+        helper.make_node("Add", ["z", "b_copy"], ["y"]),
+    ]
+    proto = make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+        inits,
+    )
+    student = Model(ir=ir.from_proto(proto))
+    x = rng.standard_normal((40, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    np.save(tmp_path / "t.npy", rng.standard_normal((40, 8)).astype(np.float32))
+    data = _dataset(student, tmp_path / "d.npz")
+    options = build_options(
+        get_pass("distill"), {"epochs": 3, "lr": 1e-2, "holdout": 0.0, "batch_size": 8}
+    )
+    ctx = _ctx(tmp_path, data, teacher=TeacherSpec(logits=tmp_path / "t.npy"))
+    assert get_pass("distill")(options).run(student, ctx).modified
+    assert "Identity" not in [n.op_type for n in student.graph]
+    first = student.graph.initializers["b"].const_value.numpy()
+    second = student.graph.initializers["b_copy"].const_value.numpy()
+    assert not np.allclose(first, second)
+    create_session(student, device="cpu").run({"x": x})  # still runs
