@@ -255,7 +255,7 @@ def _torch_tied_net():
 
 
 def test_identity_shared_initializers_train_separately():
-    import torch
+    torch = pytest.importorskip("torch")
 
     net, model = _torch_tied_net()
     graph = build_training_graph(model, [Loss.cross_entropy("logits")])
