@@ -8,7 +8,6 @@ match `--pass distill:...`.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import click
 
 from graphopt.cli.options import DataReader, data_options, gate_option, teacher_options
+from graphopt.cli.results import save_and_show
 
 
 def _pass_options(fn: Any) -> Any:
@@ -87,11 +87,10 @@ def distill(
       graphopt distill pruned.onnx --data train.npz --teacher-logits logits.npy \\
           --val-data val.npz --epochs 3 --lr 1e-3 -o distilled.onnx
     """
-    from graphopt import console
     from graphopt.cli.options import parse_gate_args
     from graphopt.context import Context
-    from graphopt.errors import GateFailed, RecipeError
-    from graphopt.model import check_output_path, load_model, save_model
+    from graphopt.errors import RecipeError
+    from graphopt.model import check_output_path, load_model
     from graphopt.passes import base
     from graphopt.passes.distill import DistillPass
     from graphopt.pipeline import run_pipeline
@@ -141,24 +140,10 @@ def distill(
             teacher=teacher,
         )
         report.result = result = run_pipeline(model, recipe, ctx)
-        if result.passed:
-            saved = save_model(result.model, output)
-            report.output_path = str(saved.path)
-            report.output_bytes = saved.total_bytes()
-        report.write_json(out_report)
-    if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2, default=str))
-    else:
-        for renderable in report.renderables():
-            console.out.print(renderable)
-    if not result.passed:
-        assert result.fidelity is not None
-        raise GateFailed(
-            f"The distilled model failed its validation gates "
-            f"({'; '.join(result.fidelity.failures)}), so it was not written.",
+        save_and_show(
+            report, result, output, out_report, as_json=as_json,
             hint="Relax --gate, or train longer or with another learning rate.",
-        )
-    console.err.print(f"wrote {output} and {out_report}")
+        )  # fmt: skip
 
 
 @click.command("export-logits")

@@ -17,6 +17,7 @@ from graphopt.cli.options import (
     runtime_options,
     teacher_options,
 )
+from graphopt.cli.results import save_and_show
 
 
 @click.command()
@@ -102,7 +103,6 @@ def optimize(
       graphopt optimize models/digits/model.onnx --data models/digits/calib.npz \\
           --val-data models/digits/val.npz -o out/
     """
-    import json
 
     from graphopt import console
     from graphopt.context import Context
@@ -112,8 +112,7 @@ def optimize(
         tensorrt_missing,
         with_command_line_output,
     )
-    from graphopt.errors import GateFailed
-    from graphopt.model import check_output_path, load_model, model_file_bytes, save_model
+    from graphopt.model import check_output_path, load_model, model_file_bytes
     from graphopt.pipeline import run_pipeline
     from graphopt.report import RunReport
     from graphopt.usercode import load_callable
@@ -172,26 +171,10 @@ def optimize(
         report.result = result = run_pipeline(model, resolved, ctx, on_step=_show_step)
         if latency_runs > 0:
             report.latency = _latencies(model_path, result.model, val or calib, ctx, latency_runs)
-        if result.passed:
-            saved = save_model(result.model, out_model)
-            report.output_path = str(saved.path)
-            report.output_bytes = saved.total_bytes()
-        report.write_json(out_report)
-
-    if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2, default=str))
-    else:
-        for renderable in report.renderables():
-            console.out.print(renderable)
-    if not result.passed:
-        assert result.fidelity is not None  # only a fidelity report can fail
-        raise GateFailed(
-            f"The optimized model failed its validation gates "
-            f"({'; '.join(result.fidelity.failures)}), so it was not written. "
-            f"The report is in '{out_report}'.",
+        save_and_show(
+            report, result, out_model, out_report, as_json=as_json,
             hint="Relax the recipe's gates, or change the passes' options.",
-        )
-    console.err.print(f"wrote {out_model} and {out_report}")
+        )  # fmt: skip
     if engine_step is not None:
         built = run_engine_step(engine_step, out_model, out_report)
         console.err.print(f"wrote {built.plan_path} and {built.sidecar_path}")
