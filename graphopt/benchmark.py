@@ -174,35 +174,7 @@ class BenchResult:
             f"ONNX Runtime benchmark: {Path(self.model).name} on {_short(self.provider)} "
             f"({threads} threads)"
         )
-        table = Table(title=title, title_justify="left")
-        for column in (
-            "batch",
-            "p50 ms",
-            "p90 ms",
-            "p99 ms",
-            "mean ms",
-            "ms/sample",
-            "samples/s (p50)",
-            "runs",
-            "",
-        ):
-            table.add_column(column, justify="right" if column else "left")
-        best = self.best.batch_size
-        for p in self.points:
-            table.add_row(
-                str(p.batch_size),
-                f"{p.median_ms:.3f}",
-                f"{p.p90_ms:.3f}",
-                f"{p.p99_ms:.3f}",
-                f"{p.mean_ms:.3f}",
-                f"{p.median_ms / p.batch_size:.4f}",
-                f"{p.throughput:,.1f}",
-                str(p.runs),
-                "best" if p.batch_size == best else "",
-            )
-        table.caption = "\n".join(self.notes())
-        table.caption_justify = "left"
-        return table
+        return sweep_table(title, self.points, self.best.batch_size, self.notes())
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -401,3 +373,27 @@ def file_sha256(path: str | os.PathLike[str]) -> str | None:
 
 def _short(provider: str) -> str:
     return provider.removesuffix("ExecutionProvider")
+
+
+def sweep_table(title: str, points: Sequence[Any], best: int, notes: Sequence[str]) -> Table:
+    """The batch-size sweep as a table (ORT's and TensorRT's benchmarks): percentiles,
+    per-sample time, throughput at the median, and the throughput-optimal batch marked."""
+    table = Table(title=title, title_justify="left")
+    for column in ("batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "ms/sample",
+                   "samples/s (p50)", "runs", ""):  # fmt: skip
+        table.add_column(column, justify="right" if column else "left")
+    for p in points:
+        table.add_row(
+            str(p.batch_size),
+            f"{p.median_ms:.3f}",
+            f"{p.p90_ms:.3f}",
+            f"{p.p99_ms:.3f}",
+            f"{p.mean_ms:.3f}",
+            f"{p.median_ms / p.batch_size:.4f}",
+            f"{p.throughput:,.1f}",
+            str(p.runs),
+            "best" if p.batch_size == best else "",
+        )
+    table.caption = "\n".join(notes)
+    table.caption_justify = "left"
+    return table

@@ -391,26 +391,9 @@ class PlanBenchResult:
             f"TensorRT benchmark: {Path(self.plan).name} (TensorRT {self.tensorrt_version}, "
             f"{gpu}, profile {self.profile})"
         )
-        table = Table(title=title, title_justify="left")
-        for column in ("batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "ms/sample",
-                       "samples/s (p50)", "runs", ""):  # fmt: skip
-            table.add_column(column, justify="right" if column else "left")
-        best = self.best.batch_size
-        for p in self.points:
-            table.add_row(
-                str(p.batch_size),
-                f"{p.median_ms:.3f}",
-                f"{p.p90_ms:.3f}",
-                f"{p.p99_ms:.3f}",
-                f"{p.mean_ms:.3f}",
-                f"{p.median_ms / p.batch_size:.4f}",
-                f"{p.throughput:,.1f}",
-                str(p.runs),
-                "best" if p.batch_size == best else "",
-            )
-        table.caption = "\n".join(self.notes())
-        table.caption_justify = "left"
-        return table
+        from graphopt.benchmark import sweep_table
+
+        return sweep_table(title, self.points, self.best.batch_size, self.notes())
 
     def to_dict(self) -> dict[str, Any]:
         return {
