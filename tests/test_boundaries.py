@@ -48,4 +48,3 @@ def test_only_the_runtime_module_imports_onnxruntime():
             ):
                 offenders.append(f"{path.relative_to(ROOT)}: {stripped}")
     assert offenders == []
-
