@@ -104,7 +104,9 @@ def _plan(model: Any, ratio: float, only: list[int]) -> tuple[Any, dict[int, Any
     return analysis, removal
 
 
-def remove_groups(model: Any, ctx: Any, groups: list[int], ratio: float) -> int:
+def remove_groups(
+    model: Any, ctx: Any, groups: list[int], ratio: float, method: str = "regression"
+) -> int:
     """Remove `ratio` of the channels of these groups (l2, round_to=8), with mean
     compensation, as the channels pass does; the number of channels removed."""
     from graphopt.passes.channels import METADATA_KEY
@@ -112,7 +114,7 @@ def remove_groups(model: Any, ctx: Any, groups: list[int], ratio: float) -> int:
     from graphopt.passes.channels.rewrite import compose, remove
 
     analysis, removal = _plan(model, ratio, groups)
-    compensate(model, analysis, removal, ctx, 128)
+    compensate(model, analysis, removal, ctx, 128, method)
     kept = remove(model.ir, analysis, removal)
     model.metadata[METADATA_KEY] = compose(model.metadata.get(METADATA_KEY, {}), kept)
     return int(sum(len(r) for r in removal.values()))
@@ -225,23 +227,32 @@ def main() -> None:
             report["scan"] = previous.get("scan")
             log("pruning and its distillation: rows reused from the last report (--skip-prune)")
         else:
-            log(f"pruning: cleanup, sensitivity scan, channels ratio={args.ratio} ...")
             pruned = cleaned.copy()
-            scan_file = out / f"scan_{args.ratio}_{args.scan_lines}_{train.stem}.json"
-            if scan_file.exists():  # the scan depends only on the model, ratio and lines
-                scan = json.loads(scan_file.read_text())
+            if args.max_group_cer >= 1:  # every group: the channels pass as a user runs it
+                channels = f"channels:ratio={args.ratio},round_to=8,importance=l2,samples=128"
+                log(f"pruning: cleanup, {channels} (every group) ...")
+                stats = run_passes(pruned, [channels], ctx).steps[-1].pass_stats
+                chosen_count, scanned = stats["groups_pruned"], stats["groups_prunable"]
+                removed = stats["channels_removed"]
+                report["settings"]["channels"] = channels
             else:
-                scan = scan_groups(cleaned, ctx, train, model_path, args)
-                scan_file.write_text(json.dumps(scan, indent=1) + "\n")
-            report["scan"] = scan
-            chosen = [row["group"] for row in scan if row["cer"] <= args.max_group_cer]
-            removed = remove_groups(pruned, ctx, chosen, args.ratio)
+                log(f"pruning: cleanup, sensitivity scan, channels ratio={args.ratio} ...")
+                scan_file = out / f"scan_{args.ratio}_{args.scan_lines}_{train.stem}.json"
+                if scan_file.exists():  # the scan depends only on the model, ratio and lines
+                    scan = json.loads(scan_file.read_text())
+                else:
+                    scan = scan_groups(cleaned, ctx, train, model_path, args)
+                    scan_file.write_text(json.dumps(scan, indent=1) + "\n")
+                report["scan"] = scan
+                chosen = [row["group"] for row in scan if row["cer"] <= args.max_group_cer]
+                removed = remove_groups(pruned, ctx, chosen, args.ratio)
+                chosen_count, scanned = len(chosen), len(scan)
             pruned_path = save_model(pruned, out / f"pruned_{args.ratio}.onnx").path
             kept = output_channels(pruned)
             removed_share = 1 - kept / total_channels
-            row = {"model": f"pruned ({len(chosen)} groups at {args.ratio})", **_cost(pruned)}
+            row = {"model": f"pruned ({chosen_count} groups at {args.ratio})", **_cost(pruned)}
             row |= {"channels": kept, "channels_removed_share": round(removed_share, 4)}
-            row |= {"groups_pruned": len(chosen), "groups_scanned": len(scan)}
+            row |= {"groups_pruned": chosen_count, "groups_scanned": scanned}
             row |= {"channels_removed_in_groups": removed}
             row |= _acc(evaluate(pruned_path, test, reference, first=False))
             report["rows"].append(row)

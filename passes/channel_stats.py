@@ -8,9 +8,10 @@ one token of a [N, S, C] tensor, one pixel of a [N, C, H, W] one). The subsample
 reservoir: every row gets a random key from a generator seeded with the context's seed, and
 the rows with the largest keys are kept, so it is uniform over all rows, bounded in memory and
 the same on every run. On request it also averages each tensor over its samples (the mean
-image of a [N, C, H, W] tensor), which convolutions need to see the borders right. Memory is
-one batch of the captured tensors plus the statistics; the activations are never all held at
-once.
+image of a [N, C, H, W] tensor), which convolutions need to see the borders right, and sums
+the channels' products over every row (the second-moment matrix E[x xᵀ], C×C, exact and
+bounded in memory), which regressions of channels on each other need. Memory is one batch of
+the captured tensors plus the statistics; the activations are never all held at once.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class ChannelStats:
         rows: float32 (R, C), a uniform random subsample of the rows (None when not asked for).
         sample_mean: float64, the mean sample (the tensor averaged over its leading, sample
             axis, e.g. [C, H, W]) when asked for and every batch had the same shape, else None.
+        second_moment: float64 (C, C), E[x xᵀ] over every row, when asked for, else None.
     """
 
     absmax: np.ndarray
@@ -62,6 +64,7 @@ class ChannelStats:
     finite: bool
     rows: np.ndarray | None
     sample_mean: np.ndarray | None = None
+    second_moment: np.ndarray | None = None
 
     @property
     def channels(self) -> int:
@@ -87,6 +90,7 @@ def collect(
     samples: int,
     rows: int = 0,
     sample_means: bool = False,
+    second_moments: bool = False,
 ) -> dict[Request, ChannelStats]:
     """Stream the first `samples` calibration samples and return each request's statistics.
 
@@ -97,6 +101,7 @@ def collect(
         samples: calibration samples used, rounded to a batch size the model fixes.
         rows: keep a random subsample of at most this many rows per request (0: none).
         sample_means: also average each tensor over its sample axis (memory: one sample).
+        second_moments: also accumulate each tensor's E[x xᵀ] over its channels (C×C).
     """
     assert ctx.calib_data is not None
     wanted = list(dict.fromkeys(requests))
@@ -105,7 +110,11 @@ def collect(
     data = head(ctx.calib_data, usable_samples(model, samples), model.input_specs())
     collectors = {
         request: _Collector(
-            request[1], rows, np.random.default_rng([ctx.seed, i]), sample_means=sample_means
+            request[1],
+            rows,
+            np.random.default_rng([ctx.seed, i]),
+            sample_means=sample_means,
+            second_moments=second_moments,
         )
         for i, request in enumerate(wanted)
     }
@@ -131,9 +140,17 @@ class _Collector:
     """Running abs-max, sum and reservoir of one (tensor, axis)."""
 
     def __init__(
-        self, axis: int, keep: int, rng: np.random.Generator, *, sample_means: bool
+        self,
+        axis: int,
+        keep: int,
+        rng: np.random.Generator,
+        *,
+        sample_means: bool,
+        second_moments: bool = False,
     ) -> None:
         self.axis = axis
+        self.products: np.ndarray | None = None
+        self.second_moments = second_moments
         self.sample_means = sample_means
         self.sample_sum: np.ndarray | None = None
         self.samples = 0
@@ -162,6 +179,10 @@ class _Collector:
                 self.absmax = np.maximum(self.absmax, absmax)
             self.total = self.total + total
         self.count += len(rows)
+        if self.second_moments:
+            wide = rows.astype(np.float64)
+            products = wide.T @ wide
+            self.products = products if self.products is None else self.products + products
         if self.sample_means and x.ndim:
             self._sum_samples(x)
         if self.keep:
@@ -205,5 +226,8 @@ class _Collector:
                 self.sample_sum / max(self.samples, 1)
                 if self.sample_sum is not None and self.same_shape
                 else None
+            ),
+            second_moment=(
+                self.products / max(self.count, 1) if self.products is not None else None
             ),
         )

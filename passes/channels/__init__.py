@@ -28,6 +28,7 @@ from graphopt.passes.channels.compensate import compensate
 from graphopt.passes.channels.groups import Analysis, Group, analyze
 from graphopt.passes.channels.rewrite import compose, remove
 from graphopt.passes.channels.select import plan
+from graphopt.passes.channels.staged import remove_in_stages
 from graphopt.passes.quantize.sites import Excluder, parse_exclude
 
 __all__ = ["ChannelsOptions", "ChannelsPass", "analyze_model", "remove_channels"]
@@ -61,10 +62,19 @@ class ChannelsOptions:
         "calibration samples for importance=activation, wanda and taylor, and for compensate",
         range=(1, None),
     )
-    compensate: bool = option(
-        True,
-        "with --data, add each removed channel's mean contribution to the bias of the "
-        "Conv/Gemm/MatMul that read it (the best constant stand-in for the channel)",
+    compensate: Literal["regression", "mean", "none"] = option(
+        "regression",
+        "with --data, hand each removed channel to the Conv/Gemm/MatMul that read it: its "
+        "least-squares prediction from the kept channels into their weights and bias "
+        "(regression), or its mean into their bias (mean); none drops it",
+    )
+
+    stages: int = option(
+        8,
+        "with compensate and --data, remove the planned groups in this many stages in graph "
+        "order, each compensated on activations of the model as the stages before left it "
+        "(one calibration run per stage); 1 measures everything once, on the unpruned model",
+        range=(1, None),
     )
 
     def __post_init__(self) -> None:
@@ -138,20 +148,37 @@ class ChannelsPass(Pass[ChannelsOptions]):
                 f"{len(lossy)} pruned group(s) pass through a normalization over their channels "
                 f"(e.g. {lossy[0].lossy[0]}); validate and distill"
             )
-        if opts.compensate and ctx.calib_data is not None:
-            done, skipped = compensate(model, analysis, removal, ctx, opts.samples)
+        kept = None
+        if opts.compensate != "none" and ctx.calib_data is not None:
+            if opts.stages > 1 and len(removal) > 1:
+                kept, done, skipped = remove_in_stages(
+                    model,
+                    analysis,
+                    removal,
+                    ctx,
+                    samples=opts.samples,
+                    method=opts.compensate,
+                    stages=opts.stages,
+                    reanalyze=lambda: analyze(model.ir, excluded, "excluded by the user (exclude)"),
+                )
+                stats["compensation_stages"] = min(opts.stages, len(removal))
+            else:
+                done, skipped = compensate(
+                    model, analysis, removal, ctx, opts.samples, opts.compensate
+                )
             stats["readers_compensated"] = done
             if skipped:
                 warnings.append(
-                    f"{skipped} reader(s) of removed channels could not take their mean into "
+                    f"{skipped} reader(s) of removed channels could not take their share into "
                     "a bias (a bias of another shape, or a graph output)"
                 )
-        elif opts.compensate:
+        elif opts.compensate != "none":
             warnings.append(
-                "no --data: the removed channels' means are not folded into the next layers' "
-                "biases (compensate), which costs accuracy"
+                "no --data: the removed channels are not handed to the next layers "
+                f"(compensate={opts.compensate}), which costs accuracy"
             )
-        kept = remove(model.ir, analysis, removal)
+        if kept is None:
+            kept = remove(model.ir, analysis, removal)
         model.metadata[METADATA_KEY] = compose(model.metadata.get(METADATA_KEY, {}), kept)
         stats["channels_removed"] = int(sum(len(r) for r in removal.values()))
         stats["groups_pruned"] = len(removal)

@@ -180,7 +180,7 @@ def _digits_pruned(tmp_path: Path) -> tuple[Model, object, object]:
     model = load_model(DIGITS / "model.onnx")
     calib = _dataset(model, DIGITS / "calib.npz")
     ctx = _ctx(tmp_path, calib)
-    _run(model, ctx, "cleanup", "channels:ratio=0.5,round_to=1,compensate=false")
+    _run(model, ctx, "cleanup", "channels:ratio=0.5,round_to=1,compensate=none")
     return model, calib, _dataset(model, DIGITS / "val.npz")
 
 
@@ -199,7 +199,7 @@ def test_distill_from_the_original_wins_back_accuracy(tmp_path: Path) -> None:
     val = _dataset(model, DIGITS / "val.npz")
     original = _accuracy(DIGITS / "model.onnx", val)
     ctx = _ctx(tmp_path, calib)
-    _run(model, ctx, "cleanup", "channels:ratio=0.5,round_to=1,compensate=false")
+    _run(model, ctx, "cleanup", "channels:ratio=0.5,round_to=1,compensate=none")
     pruned = _accuracy(model, val)
     result = _run(model, ctx, "distill:epochs=6,lr=1e-3")  # ctx.original: still the file
     stats = result.steps[-1].pass_stats

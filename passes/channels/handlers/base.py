@@ -141,7 +141,7 @@ class GraphView:
         self.model = model
         self.opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
         self._shapes = shapes
-        self._arrays: dict[int, tuple[ir.Value, np.ndarray | None]] = {}
+        self._arrays: dict[int, tuple[ir.Value, ir.TensorProtocol | None, np.ndarray | None]] = {}
 
     def shape(self, value: ir.Value | None) -> tuple[Dim, ...] | None:
         if value is None:
@@ -166,12 +166,15 @@ class GraphView:
         """The value as a numpy array when it is a constant (cached), else None."""
         if value is None:
             return None
-        # keyed by id, holding the value too: a value made by a rewrite may reuse a freed id
+        # keyed by id, holding the value too: a value made by a rewrite may reuse a freed id;
+        # and its tensor: a pass may write new values into an initializer in place
+        # (channels' compensation) after the analysis read it
         hit = self._arrays.get(id(value))
-        if hit is None or hit[0] is not value:
+        if hit is None or hit[0] is not value or hit[1] is not value.const_value:
             tensor = constant(value)
-            hit = self._arrays[id(value)] = (value, None if tensor is None else tensor.numpy())
-        return hit[1]
+            array = None if tensor is None else tensor.numpy()
+            hit = self._arrays[id(value)] = (value, value.const_value, array)
+        return hit[2]
 
     def ints(self, value: ir.Value | None) -> list[int] | None:
         """A constant integer vector (or scalar) as a list, else None."""
