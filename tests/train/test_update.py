@@ -116,5 +116,28 @@ def test_changing_the_optimizer_structure_rebuilds_the_update():
     trainer.step(_feeds(x, labels))
     trainer.optimizer.momentum = 0.9  # a momentum buffer now: another graph
     trainer.step(_feeds(x, labels))
-    assert trainer.update is not None and trainer.update.key == ("sgd", True, False)
+    assert trainer.update is not None and trainer.update.key == ("sgd", True, False, False)
     assert set(trainer.optimizer._buffers) == set(trainer.params)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_weight_decay_switched_on_mid_run_matches_numpy(kind):
+    """Without weight decay the update graph has no decay nodes; turning it on rebuilds the
+    graph, and the weights still follow the numpy optimizer step for step."""
+    x, labels = _blobs()
+
+    def make():
+        return SGD(lr=0.1, momentum=0.9) if kind == "sgd" else AdamW(lr=0.01, weight_decay=0.0)
+
+    in_graph, numpy_side = _trainer(make(), True, model=mlp()), _trainer(make(), False, model=mlp())
+    plain = len(in_graph.update.proto.graph.node)
+    for step in range(4):
+        if step == 2:
+            for trainer in (in_graph, numpy_side):
+                trainer.optimizer.weight_decay = 0.05
+        in_graph.step(_feeds(x, labels))
+        numpy_side.step(_feeds(x, labels))
+    assert in_graph.update.key[-1] is True
+    assert len(in_graph.update.proto.graph.node) > plain
+    for name, value in numpy_side.params.items():
+        np.testing.assert_allclose(in_graph.params[name], value, rtol=1e-5, atol=1e-6)
