@@ -201,6 +201,44 @@ class Session:
             ) from None
         return dict(zip(names, values, strict=True))
 
+    @property
+    def device_type(self) -> str:
+        """Where the session's tensors live: "cuda" or "cpu" (OrtValue device names)."""
+        return "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
+
+    def io_binding(self) -> Any:
+        """A fresh ONNX Runtime IOBinding of this session (inputs and outputs bound as
+        OrtValues on the device, see `run_bound`)."""
+        return self._session.io_binding()
+
+    def to_device(self, array: np.ndarray) -> Any:
+        """A copy of `array` as an OrtValue on the session's device (for `io_binding`).
+
+        A copy on the CPU too: there ORT would otherwise share the array's memory, and a
+        bound output written into it would change the caller's array."""
+        copy = np.array(array, copy=True, order="C")
+        return _ort().OrtValue.ortvalue_from_numpy(copy, self.device_type, 0)
+
+    def device_buffer(self, shape: Sequence[int], dtype: np.dtype) -> Any:
+        """An uninitialised OrtValue on the session's device, for a bound output."""
+        return _ort().OrtValue.ortvalue_from_shape_and_type(
+            list(shape), np.dtype(dtype).type, self.device_type, 0
+        )
+
+    def run_bound(self, binding: Any) -> None:
+        """Run once with `binding` (from `io_binding`); outputs land where they are bound.
+
+        Raises:
+            RuntimeFailed: ORT failed (a wrong binding, a kernel error).
+        """
+        try:
+            self._session.run_with_iobinding(binding)
+        except Exception as exc:  # ORT raises its own exception types for every failure
+            raise RuntimeFailed(
+                f"ONNX Runtime failed to run {self.name}: {_first_line(exc)}",
+                hint=f"Check the inputs: the model takes {self._describe_inputs()}.",
+            ) from None
+
     def end_profiling(self) -> str:
         """Stop the profiler (see `create_session(profile=)`); return the trace's path."""
         return str(self._session.end_profiling())

@@ -14,8 +14,10 @@ optimizer state in the optimizer object.
 shadows of quantized weights (quantization-aware training, graphopt.train.qat) go back
 quantized, into the original integer initializers, so dtypes stay as they were.
 
-On CUDA the session runs, but weights and state still cross the PCIe bus every step (they are
-numpy arrays between steps): binding them as device-resident OrtValues is the next step.
+With `io_binding` (the default) the weights and the optimizer state stay on the
+session's device between steps as OrtValues (graphopt.train.resident): only the batch and the
+hyperparameters go in and only the loss comes out. `params` (and the optimizer's state) are
+then copied back to numpy when read, and uploaded again at the next step.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from graphopt.runtime import Device, Session, create_session
 from graphopt.train.builder import TrainingGraph, build_training_graph
 from graphopt.train.losses import Loss
 from graphopt.train.optim import Optimizer
+from graphopt.train.resident import ResidentStep
 from graphopt.train.update import UpdateGraph, state_store, update_key, with_update
 
 
@@ -60,10 +63,15 @@ class Trainer:
             the same weights to float rounding; the optimizer's hyperparameters (`lr`, ...)
             may change between steps either way.
         untie_identities: see `build_training_graph`.
+        io_binding: keep the weights and optimizer state on the session's device between
+            steps (graphopt.train.resident); only with the in-graph optimizer. On by default
+            (None), on the CPU too, where it saves the per-step allocation and copies of every
+            weight and state tensor.
 
     Attributes:
         params: trainable name -> its current value (numpy; may be replaced, e.g. by a
-            saved copy of the best weights, between steps).
+            saved copy of the best weights, or changed in place, between steps; with
+            io_binding, reading it copies the weights back from the device).
         graph: the training graph (without the update).
         update: the training graph with the update, when the optimizer runs in the graph.
     """
@@ -83,6 +91,7 @@ class Trainer:
         qat: bool | None = None,
         optimizer_in_graph: bool = True,
         untie_identities: bool = True,
+        io_binding: bool | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -95,8 +104,8 @@ class Trainer:
             qat=qat,
             untie_identities=untie_identities,
         )
-        self.params = {k: np.array(v, copy=True) for k, v in self.graph.initial.items()}
-        self.masks = _masks(model, self.params, self.graph) if use_masks else {}
+        self._params = {k: np.array(v, copy=True) for k, v in self.graph.initial.items()}
+        self.masks = _masks(model, self._params, self.graph) if use_masks else {}
         self._device, self._threads = device, threads
         self.update: UpdateGraph | None = None
         if optimizer_in_graph and update_key(optimizer) is not None:
@@ -104,6 +113,31 @@ class Trainer:
         proto = self.update.proto if self.update is not None else self.graph.proto
         self.session: Session = create_session(_source(proto), device=device, threads=threads)
         self.steps = 0
+        self.io_binding = io_binding is not False
+        self._resident: ResidentStep | None = None
+        self._device_newer = False  # the device holds weights newer than self._params
+        self._upload = True  # self._params (or the state) may differ from the device's
+
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        if self._resident is not None and self._device_newer:
+            self._pull()
+        # whoever reads the dict may change it in place: upload it before the next step
+        self._upload = True
+        return self._params
+
+    def sync(self) -> None:
+        """With io_binding, copy the weights and the optimizer's state (its numpy stores) back
+        from the device; reading `params` does it too. Nothing to do otherwise."""
+        if self._resident is not None and self._device_newer:
+            self._pull()
+
+    @params.setter
+    def params(self, value: dict[str, np.ndarray]) -> None:
+        if self._resident is not None and self._device_newer:
+            self._pull()  # the optimizer state, which stays
+        self._params = value
+        self._upload = True
 
     @property
     def feeds_needed(self) -> list[str]:
@@ -133,6 +167,9 @@ class Trainer:
         if update is not None and update_key(self.optimizer) != update.key:
             # Another optimizer, or one whose baked-in structure (Nesterov, momentum on or
             # off) changed: rebuild the graph with its update.
+            if self._resident is not None and self._device_newer:
+                self._pull()
+            self._resident = None
             update = self.update = with_update(self.graph, self.optimizer, self.masks)
             self.session = create_session(
                 _source(update.proto), device=self._device, threads=self._threads
@@ -144,17 +181,61 @@ class Trainer:
             return StepResult(loss=loss, outputs=outputs)
         count = _advance(self.optimizer)
         graph = self.graph
+        if self.io_binding:
+            return self._resident_step(feeds, count)
         new_state = list(update.state_outputs.items())
         names = [graph.loss, *graph.outputs, *update.new_weights.values()]
         names += [out for _, out in new_state]
         values = self.session.run(self._update_feeds(feeds, count), names)
         for name, out in update.new_weights.items():
-            self.params[name] = values[out]
+            self._params[name] = values[out]
         for (slot, name), out in new_state:
             state_store(self.optimizer, slot)[name] = values[out]
         self.steps += 1
         outputs = {name: values[name] for name in graph.outputs}
         return StepResult(loss=float(values[graph.loss]), outputs=outputs)
+
+    def _resident_step(self, feeds: Mapping[str, np.ndarray], count: int) -> StepResult:
+        update, graph = self.update, self.graph
+        assert update is not None
+        if self._resident is None:
+            carried = dict(update.new_weights)
+            carried.update(
+                {update.state_inputs[key]: out for key, out in update.state_outputs.items()}
+            )
+            self._resident = ResidentStep(self.session, carried)
+            self._upload = True
+        if self._upload:
+            self._resident.upload({**self._params, **self._state_feeds()})
+            self._upload = False
+        host = self._checked(feeds)
+        host.update(update.hyper_feeds(self.optimizer, count))
+        values = self._resident.run(host, [graph.loss, *graph.outputs])
+        self._device_newer = True
+        self.steps += 1
+        outputs = {name: values[name] for name in graph.outputs}
+        return StepResult(loss=float(values[graph.loss]), outputs=outputs)
+
+    def _pull(self) -> None:
+        """Copy the weights and the optimizer state back from the device."""
+        update, resident = self.update, self._resident
+        assert update is not None and resident is not None
+        values = resident.download()
+        for name in update.new_weights:
+            self._params[name] = values[name]
+        for (slot, name), input_name in update.state_inputs.items():
+            state_store(self.optimizer, slot)[name] = values[input_name]
+        self._device_newer = False
+
+    def _state_feeds(self) -> dict[str, np.ndarray]:
+        """The optimizer state inputs (zeros before the first step)."""
+        update = self.update
+        assert update is not None
+        out = {}
+        for (slot, name), input_name in update.state_inputs.items():
+            value = state_store(self.optimizer, slot).get(name)
+            out[input_name] = np.zeros_like(self._params[name]) if value is None else value
+        return out
 
     def _checked(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [n for n in self.feeds_needed if n not in feeds]
@@ -172,12 +253,7 @@ class Trainer:
         assert update is not None
         out = self._checked(feeds)
         out.update(self.params)
-        for (slot, name), input_name in update.state_inputs.items():
-            store = state_store(self.optimizer, slot)
-            value = store.get(name)
-            if value is None:
-                value = np.zeros_like(self.params[name])
-            out[input_name] = value
+        out.update(self._state_feeds())
         out.update(update.hyper_feeds(self.optimizer, count))
         return out
 

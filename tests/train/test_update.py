@@ -116,6 +116,7 @@ def test_changing_the_optimizer_structure_rebuilds_the_update():
     trainer.step(_feeds(x, labels))
     trainer.optimizer.momentum = 0.9  # a momentum buffer now: another graph
     trainer.step(_feeds(x, labels))
+    trainer.sync()  # the momentum buffers live on the session's device between steps
     assert trainer.update is not None and trainer.update.key == ("sgd", True, False, False)
     assert set(trainer.optimizer._buffers) == set(trainer.params)
 
