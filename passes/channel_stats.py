@@ -16,7 +16,7 @@ the captured tensors plus the statistics; the activations are never all held at 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,7 +90,7 @@ def collect(
     samples: int,
     rows: int = 0,
     sample_means: bool = False,
-    second_moments: bool = False,
+    second_moments: Collection[Request] = (),
 ) -> dict[Request, ChannelStats]:
     """Stream the first `samples` calibration samples and return each request's statistics.
 
@@ -101,20 +101,22 @@ def collect(
         samples: calibration samples used, rounded to a batch size the model fixes.
         rows: keep a random subsample of at most this many rows per request (0: none).
         sample_means: also average each tensor over its sample axis (memory: one sample).
-        second_moments: also accumulate each tensor's E[x xᵀ] over its channels (C×C).
+        second_moments: the requests that also accumulate E[x xᵀ] over their channels
+            (C×C float64: mind wide tensors).
     """
     assert ctx.calib_data is not None
     wanted = list(dict.fromkeys(requests))
     if not wanted:
         return {}
     data = head(ctx.calib_data, usable_samples(model, samples), model.input_specs())
+    wanted_moments = set(second_moments)
     collectors = {
         request: _Collector(
             request[1],
             rows,
             np.random.default_rng([ctx.seed, i]),
             sample_means=sample_means,
-            second_moments=second_moments,
+            second_moments=request in wanted_moments,
         )
         for i, request in enumerate(wanted)
     }

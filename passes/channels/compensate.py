@@ -14,8 +14,8 @@ fitted on the calibration data (`channels:compensate=`):
   whatever its weights; it never does worse than the mean on the data it was fitted on
   (A = 0 is the mean). Channels that are (near) copies or mixtures of others, which
   pruning at high ratios removes by the hundred, come back almost for free. It needs the
-  reader's weight to be its own initializer (written in place); a shared one falls back to
-  the mean.
+  reader's weight to be its own initializer (written in place) and a tensor of at most
+  `MAX_REGRESSION_CHANNELS` channels (its C×C statistics); otherwise the mean is used.
 
 Both keep each reader's output mean exactly:
 
@@ -59,6 +59,8 @@ Method = Literal["regression", "mean"]
 # small enough that a channel the others explain is replaced by them, large enough that
 # collinear kept channels leave the solve well-posed.
 RIDGE = 1e-2
+# Widest tensor whose channels are regressed on each other: 4096² float64 is 128 MiB.
+MAX_REGRESSION_CHANNELS = 4096
 
 
 @dataclass(frozen=True)
@@ -88,13 +90,11 @@ def compensate(
     if not readers:
         return 0, 0
     requests = list(dict.fromkeys((r.value.name or "", r.axis) for r in readers))
+    regress = set()
+    if method == "regression":
+        regress = {(r.value.name or "", r.axis) for r in readers if _narrow(r)}
     stats = channel_stats.collect(
-        model,
-        ctx,
-        requests,
-        samples=samples,
-        sample_means=True,
-        second_moments=method == "regression",
+        model, ctx, requests, samples=samples, sample_means=True, second_moments=regress
     )
     names = NameSource(model.ir.graph)
     done = skipped = 0
@@ -159,6 +159,15 @@ def _reduction_axis(node: ir.Node) -> int | None:
         weight = constant(node.inputs[1])
         return 0 if weight is not None and len(weight.shape) == 2 else None
     return None
+
+
+def _narrow(reader: _Reader) -> bool:
+    """Whether the tensor is narrow enough for its C×C second moments (float64) and their
+    solve; a wider one (an LLM's FFN) gets the mean instead."""
+    weight, axis = constant(reader.node.inputs[1]), _reduction_axis(reader.node)
+    if weight is None or axis is None:
+        return False
+    return int(weight.shape[axis]) <= MAX_REGRESSION_CHANNELS  # the reader sums this many
 
 
 @dataclass(frozen=True)

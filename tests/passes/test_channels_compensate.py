@@ -251,3 +251,24 @@ def test_a_shared_reader_weight_falls_back_to_the_mean(tmp_path: Path) -> None:
     result = _prune(model, tmp_path, tmp_path / "d.npz")
     assert result.stats["readers_compensated"] == 2
     np.testing.assert_allclose(_output_mean(model, x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_tensors_too_wide_for_their_second_moments_get_the_mean(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Above MAX_REGRESSION_CHANNELS (C×C float64 statistics) a reader falls back to the mean."""
+    import importlib
+
+    # the module, not the function of the same name the package exports
+    compensate_module = importlib.import_module("graphopt.passes.channels.compensate")
+    monkeypatch.setattr(compensate_module, "MAX_REGRESSION_CHANNELS", 4)
+    original = _mixed_channels_net("gemm")  # the reader sums 8 channels
+    x = R.standard_normal((64, 4)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    outputs = {}
+    for method in ("regression", "mean"):
+        model = original.copy()
+        result = _prune(model, tmp_path, tmp_path / "d.npz", compensate=method)
+        assert result.stats["readers_compensated"] == 1
+        outputs[method] = create_session(model, device="cpu").run({"x": x})["y"]
+    np.testing.assert_array_equal(outputs["regression"], outputs["mean"])
