@@ -250,7 +250,7 @@ def _fold_into_weight(reader: _Reader, predictor: _Predictor) -> None:
     value = reader.node.inputs[1]
     assert value is not None and value.const_value is not None
     old = value.const_value.numpy()
-    w = np.asarray(old, np.float64)
+    w = np.array(old, dtype=np.float64, copy=True)  # a float64 weight may be a mapped file
     axis = _reduction_axis(reader.node)
     assert axis is not None
     moved = np.moveaxis(w, axis, 0)  # (C, ...) view
