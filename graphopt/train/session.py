@@ -120,24 +120,22 @@ class Trainer:
 
     @property
     def params(self) -> dict[str, np.ndarray]:
-        if self._resident is not None and self._device_newer:
-            self._pull()
+        self.sync()
         # whoever reads the dict may change it in place: upload it before the next step
         self._upload = True
         return self._params
+
+    @params.setter
+    def params(self, value: dict[str, np.ndarray]) -> None:
+        self.sync()  # for the optimizer state, which stays
+        self._params = value
+        self._upload = True
 
     def sync(self) -> None:
         """With io_binding, copy the weights and the optimizer's state (its numpy stores) back
         from the device; reading `params` does it too. Nothing to do otherwise."""
         if self._resident is not None and self._device_newer:
             self._pull()
-
-    @params.setter
-    def params(self, value: dict[str, np.ndarray]) -> None:
-        if self._resident is not None and self._device_newer:
-            self._pull()  # the optimizer state, which stays
-        self._params = value
-        self._upload = True
 
     @property
     def feeds_needed(self) -> list[str]:
@@ -167,8 +165,7 @@ class Trainer:
         if update is not None and update_key(self.optimizer) != update.key:
             # Another optimizer, or one whose baked-in structure (Nesterov, momentum on or
             # off) changed: rebuild the graph with its update.
-            if self._resident is not None and self._device_newer:
-                self._pull()
+            self.sync()
             self._resident = None
             update = self.update = with_update(self.graph, self.optimizer, self.masks)
             self.session = create_session(

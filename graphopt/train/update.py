@@ -131,7 +131,9 @@ def with_update(
             state_outputs[(slot, name)] = outs[slot] = f"{prefix}/new_{slot}/{name}"
             g.input.append(helper.make_tensor_value_info(state[slot], t, dims))
         if key[0] == "sgd":
-            _sgd(em, scalars, t, name, grad, state, outs, nesterov=bool(key[2]), decay=key[-1])
+            _sgd(
+                em, scalars, t, name, grad, state, outs, nesterov=bool(key[2]), decay=bool(key[-1])
+            )
         else:
             _adamw(em, scalars, t, name, grad, state, outs, decay=bool(key[-1]))
         new_weights[name] = outs["weight"]

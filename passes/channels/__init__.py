@@ -68,7 +68,6 @@ class ChannelsOptions:
         "least-squares prediction from the kept channels into their weights and bias "
         "(regression), or its mean into their bias (mean); none drops it",
     )
-
     stages: int = option(
         8,
         "with compensate and --data, remove the planned groups in this many stages in graph "

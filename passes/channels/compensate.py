@@ -10,9 +10,9 @@ fitted on the calibration data (`channels:compensate=`):
   same tensor, x_R ≈ A·x_K + b, with A = Cov(x_R, x_K)·Cov(x_K, x_K)⁻¹ (a small ridge keeps
   it well-posed) and b = E[x_R] − A·E[x_K]. The reader's weights on the kept channels take
   W_R·A and its bias takes W_R·b. Ordinary least squares leaves the smallest residual
-  covariance of all linear predictors, so it is the best choice for every reader at once,
-  whatever its weights; it never does worse than the mean on the data it was fitted on
-  (A = 0 is the mean). Channels that are (near) copies or mixtures of others, which
+  covariance of all linear predictors, so it would be the best choice for every reader at
+  once, whatever its weights; with the ridge, each removed channel's own residual on the
+  data it was fitted on is still no larger than the mean's (A = 0 is the mean). Channels that are (near) copies or mixtures of others, which
   pruning at high ratios removes by the hundred, come back almost for free. It needs the
   reader's weight to be its own initializer (written in place) and a tensor of at most
   `MAX_REGRESSION_CHANNELS` channels (its C×C statistics); otherwise the mean is used.
