@@ -1,7 +1,8 @@
 """QuantizePass with precision=fp8 (float8 e4m3fn, TensorRT's explicit quantization on Hopper):
 weights against an independent reference (ONNX Runtime's own QuantizeLinear), activation
-scales, numerics on ONNX Runtime's CPU (which runs float8 Q/DQ unfused), fp8 against int8 on a
-long-tailed activation, the TensorRT check, the raise to opset 19, refusals, idempotence."""
+scales, numerics on ONNX Runtime's CPU (which runs float8 Q/DQ unfused), fp8 against int8 on
+activations whose channels span two decades, the TensorRT check, the raise to opset 19,
+refusals, idempotence."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from graphopt.passes.quantize import QuantizeOptions, QuantizePass, opset
 from graphopt.passes.quantize.trtcheck import check_tensorrt
 from graphopt.recipe import load_recipe
 from tests import models
+from tests.passes.channels_check import run_ort as run_ort_as_written
 from tests.passes.test_quantize import (
     calib_feeds,
     cleaned,
@@ -194,25 +196,50 @@ def _long_tailed_mlp(dim: int = 64) -> onnx.ModelProto:
     )
 
 
+def _outlier_channel_mlp(dim: int = 64, decades: float = 2.0) -> onnx.ModelProto:
+    """x -> MatMul -> Relu -> MatMul -> y, whose hidden channels span `decades` orders of
+    magnitude (fc1's columns scaled by s, fc2's rows by 1 / s, so each channel matters as
+    much to y): the outlier channels of LLM activations, in small."""
+    rng = np.random.default_rng(7)
+    spread = (10.0 ** rng.uniform(-decades / 2, decades / 2, dim)).astype(np.float32)
+    w1 = (rng.standard_normal((dim, dim)) / 8).astype(np.float32) * spread[None, :]
+    w2 = (rng.standard_normal((dim, dim)) / 8).astype(np.float32) / spread[:, None]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+        helper.make_node("Relu", ["h"], ["a"], name="relu"),
+        helper.make_node("MatMul", ["a", "w2"], ["y"], name="fc2"),
+    ]
+    vi = helper.make_tensor_value_info
+    return models.make_model(
+        nodes,
+        [vi("x", TensorProto.FLOAT, ["N", dim])],
+        [vi("y", TensorProto.FLOAT, ["N", dim])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+
+
 def _relative_error(proto: onnx.ModelProto, tmp_path: Path, **options: object) -> float:
+    """Relative output error of the quantized model, with its Q/DQ run as written (graph
+    optimizations off): ORT's fused int8 kernels would make the figure a property of the
+    CPU (U8S8 without VNNI saturates in int16, which once doubled the int8 error here)."""
     tmp_path.mkdir()
     model, _ = quantize(proto, tmp_path, cleanup=False, target="tensorrt", **options)
     feeds = calib_feeds(proto, samples=256, seed=2)
-    (reference,) = run_ort(proto, feeds)
-    (candidate,) = run_ort(model, feeds)
+    (reference,) = run_ort_as_written(proto, feeds, optimize=False)
+    (candidate,) = run_ort_as_written(model.to_proto(), feeds, optimize=False)
     return float(np.linalg.norm(candidate - reference) / np.linalg.norm(reference))
 
 
 @pytest.mark.parametrize("calibrator", ["minmax", "mse"])
-def test_fp8_beats_int8_on_a_long_tailed_activation(tmp_path, calibrator):
-    """The cubed activation is long-tailed: int8's even grid spends its levels on the tail,
-    fp8's relative precision serves the many small values. Measured relative output error
-    (ORT 1.31 CPU): minmax int8 0.095, fp8 0.063; mse int8 0.097, fp8 0.064."""
-    proto = _long_tailed_mlp()
+def test_fp8_beats_int8_on_outlier_channels(tmp_path, calibrator):
+    """A per-tensor int8 step sized for the largest channel rounds the small ones away;
+    fp8's relative precision keeps every channel. Measured relative output error (ORT 1.31
+    CPU, Q/DQ as written): minmax int8 0.26, fp8 0.053; mse int8 0.26, fp8 0.054."""
+    proto = _outlier_channel_mlp()
     int8 = _relative_error(proto, tmp_path / "int8", precision="int8", calibrator=calibrator)
     fp8 = _relative_error(proto, tmp_path / "fp8", precision="fp8", calibrator=calibrator)
     assert fp8 < 0.08
-    assert fp8 < 0.8 * int8
+    assert fp8 < 0.5 * int8
 
 
 def test_int8_beats_fp8_on_gaussian_activations(tmp_path):
