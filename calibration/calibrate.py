@@ -1,22 +1,28 @@
 """`calibrate`: the range of each requested tensor over a dataset, streamed.
 
-minmax is one pass of in-graph reductions. The histogram methods take two: pass one finds
-the global range (as minmax), which fixes the edges of a histogram of >= 128 (default 2048)
-bins; pass two captures the tensors batch by batch and counts them into those bins. Counts
-are integers and edges are fixed before any data is seen, so the ranges come out the same
-whatever the batch size or chunking.
+minmax is one pass of in-graph reductions. The histogram methods take one pass too: each
+tensor is captured batch by batch and counted into a `Histogram` whose bins are powers of
+two wide and widen (merging in pairs) as larger values arrive, so no range needs to be
+known beforehand, [0, max |x|] spans between `bins` and 2 * `bins` bins, and the counts
+come out the same whatever the batch size, chunking or order. Before it, one sample runs
+through a copy of the model that reports only the tensors' element counts (and checks
+their types), which sizes the batches.
 
-Pass two holds one batch of the captured tensors at a time. It sizes that batch to stay
-within `max_batch_bytes` (ranges do not depend on the batch size), and only when a single
-sample's tensors are larger than that does it capture them in groups, one pass per group.
+The pass holds about one batch of the captured tensors at a time. It sizes that batch to
+stay within `max_batch_bytes` (ranges do not depend on the batch size), and only when a
+single sample's tensors are larger than that does it capture them in groups, one pass per
+group. ONNX Runtime computes the next batch in a worker thread while the histograms count
+the one before.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 
@@ -25,6 +31,7 @@ from graphopt.calibration.cache import CalibrationCache, range_keys
 from graphopt.calibration.datasets import CalibrationDataReader, dataset_from_reader, head
 from graphopt.calibration.histogram import (
     MIN_BINS,
+    Binned,
     Grid,
     Histogram,
     entropy_bins,
@@ -49,6 +56,7 @@ from graphopt.model import Model
 
 DEFAULT_BATCH_BYTES = 128 * 2**20
 NonFinite = Literal["raise", "skip"]
+T = TypeVar("T")
 
 
 def calibrate(
@@ -90,16 +98,17 @@ def calibrate(
             tensor of both signs apart (`entropy_sides`), t+ and t-, and returns
             [max(min, -t-), min(max, t+)] (symmetric: the larger of the two).
         percentile: for "percentile", in (0, 100].
-        bins: histogram bins for the histogram methods (at least 128).
+        bins: for the histogram methods, the least number of bins [0, max |x|] spans (at
+            least 128; rounded up to a power of two; it spans at most twice that).
         samples: use at most this many samples, the first ones in the dataset's order.
         per_channel: tensor name -> channel axis, for per-channel ranges (minmax only).
         batch_size: samples per ONNX Runtime run (the ranges do not depend on it).
         device, threads, workdir: where and how ONNX Runtime runs (see graphopt.runtime).
         cache: serve ranges computed before for the same model, data and options from
             here, and store new ones.
-        max_batch_bytes: the most bytes of captured tensors held at once in pass two (peak
-            memory is about twice that, ONNX Runtime's copy and numpy's, plus what the
-            model itself needs for one batch).
+        max_batch_bytes: the most bytes of one batch of captured tensors (peak memory is
+            about twice that: the batch ONNX Runtime makes and bins while the one before is
+            counted, as 2-byte bin indices; plus what the model itself needs for a batch).
         nonfinite: what to do with a tensor that holds inf or NaN on this data: "raise"
             a CalibrationError naming it, or "skip" it (left out of the result, with a
             warning).
@@ -177,6 +186,7 @@ class _Settings:
         }
         if self.method in HISTOGRAM_METHODS:
             key["bins"] = self.bins
+            key["histogram"] = "pow2"  # one pass, power-of-two bins (was: edges from pass one)
         if self.method == "percentile":
             key["percentile"] = self.percentile
         if self.method in ("entropy", "mse") and self.precision != "int8":
@@ -254,30 +264,28 @@ class _Run:
     nonfinite: str
 
     def ranges(self, targets: Sequence[Target], settings: _Settings) -> dict[str, TensorRange]:
-        histograms = settings.method in HISTOGRAM_METHODS
+        if settings.method in HISTOGRAM_METHODS:
+            return self._histogram_ranges(targets, settings)
         extremes = reduce_ranges(
             self.model,
             self.data,
             targets,
-            histograms=histograms,
+            histograms=False,
             batch_size=self.batch_size,
             device=self.device,
             threads=self.threads,
             workdir=self.workdir,
         )
-        self._check_empty(targets, extremes)
+        self._check_empty([t.name for t in targets if extremes[t.name].empty()])
         bad = [t.name for t in targets if not extremes[t.name].finite()]
-        good = [t for t in targets if t.name not in bad]
-        if not histograms:
-            self._nonfinite(bad)
-            return {t.name: _minmax_range(t, extremes[t.name], settings) for t in good}
-        # Pass two finds the NaNs pass one cannot see: report them all at once.
-        found, more = self._histogram_ranges(good, extremes, settings)
-        self._nonfinite([t.name for t in targets if t.name in bad or t.name in more])
-        return found
+        self._nonfinite(bad)
+        return {
+            t.name: _minmax_range(t, extremes[t.name], settings)
+            for t in targets
+            if t.name not in bad
+        }
 
-    def _check_empty(self, targets: Sequence[Target], extremes: Mapping[str, Extremes]) -> None:
-        empty = [t.name for t in targets if extremes[t.name].empty()]
+    def _check_empty(self, empty: Sequence[str]) -> None:
         if empty:
             raise CalibrationError(
                 f"Tensor(s) {', '.join(repr(n) for n in empty)} held no values on the "
@@ -302,19 +310,17 @@ class _Run:
         )
 
     def _histogram_ranges(
-        self, targets: Sequence[Target], extremes: Mapping[str, Extremes], settings: _Settings
-    ) -> tuple[dict[str, TensorRange], list[str]]:
-        """Ranges from pass two, and the tensors it found inf or NaN in."""
-        histograms: dict[str, Histogram] = {}
-        results: dict[str, TensorRange] = {}
-        for target in targets:
-            seen = extremes[target.name]
-            hist = _histogram_for(float(seen.low), float(seen.high), settings)
-            if hist is not None:
-                histograms[target.name] = hist
-            else:  # a constant tensor: its range is that value
-                results[target.name] = _minmax_range(target, seen, settings)
-        todo = [t for t in targets if t.name in histograms]
+        self, targets: Sequence[Target], settings: _Settings
+    ) -> dict[str, TensorRange]:
+        sizes = self._sample_sizes(targets)
+        bins = 1 << (settings.bins - 1).bit_length()  # a power of two, at least `bins`
+        signed = settings.method == "entropy" or (
+            settings.method == "percentile" and not settings.symmetric
+        )
+        histograms = {
+            t.name: Histogram(bins, signed=signed, track_max=settings.method == "mse")
+            for t in targets
+        }
         # In graph order, so that each group's session (cut after its last tensor) runs only
         # the part of the model it needs.
         position = {
@@ -323,38 +329,70 @@ class _Run:
             for value in node.outputs
             if value.name
         }
-        ordered = sorted(todo, key=lambda t: position.get(t.name, -1))
-        for group, batch_size in self._groups(ordered, extremes):
-
-            def count(_batch: object, values: Mapping[str, np.ndarray], group=group) -> None:
-                for name in group:
-                    histograms[name].add(values[name])
-
-            runtime.capture(
+        ordered = sorted(targets, key=lambda t: position.get(t.name, -1))
+        for group, batch_size in self._groups(ordered, sizes):
+            batches = runtime.captured(
                 self.model,
                 self.data,
                 group,
-                count,
                 batch_size=batch_size,
                 device=self.device,
-                threads=self.threads,
+                threads=self._capture_threads(),
                 workdir=self.workdir,
             )
-        bad = [t.name for t in todo if histograms[t.name].nonfinite]
-        for target in todo:
-            if target.name not in bad:
-                results[target.name] = _histogram_range(
-                    target, histograms[target.name], extremes[target.name], settings
-                )
-        return results, bad
+
+            def binned(batches=batches, group=group) -> Iterator[dict[str, Binned]]:
+                for _batch, values in batches:
+                    yield {name: histograms[name].bin(values[name]) for name in group}
+
+            for found in _in_background(binned()):
+                for name, part in found.items():
+                    histograms[name].count(part)
+        self._check_empty([n for n, h in histograms.items() if h.low > h.high and not h.nonfinite])
+        bad = [n for n, h in histograms.items() if h.nonfinite]
+        self._nonfinite(bad)
+        samples = len(self.data)
+        return {
+            t.name: _histogram_range(t, histograms[t.name], settings, samples)
+            for t in targets
+            if t.name not in bad
+        }
+
+    def _capture_threads(self) -> int | None:
+        """ONNX Runtime's threads while the histograms count in the caller's thread: one
+        core fewer than asked for (or than this process may use), so that the two do not
+        contend (measured on 2 cores: 2 ORT threads made the pass 15 % slower than 1)."""
+        if runtime.resolve_providers(self.device)[0] != runtime.CPU:
+            return self.threads
+        cores = self.threads or (
+            len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        )
+        return max(1, (cores or 1) - 1)
+
+    def _sample_sizes(self, targets: Sequence[Target]) -> dict[str, int]:
+        """Elements per sample of every target, from the first sample (or the first batch
+        a model with a fixed batch takes), run through a copy of the model that outputs
+        only their counts and extremes; this also checks the types ONNX could not infer."""
+        first = fixed_batch(input_rules(self.model.input_specs(), {})) or 1
+        extremes = reduce_ranges(
+            self.model,
+            head(self.data, first, self.model.input_specs()),
+            targets,
+            histograms=True,
+            batch_size=first,
+            device=self.device,
+            threads=self.threads,
+            workdir=self.workdir,
+        )
+        return {name: found.per_sample for name, found in extremes.items()}
 
     def _groups(
-        self, targets: Sequence[Target], extremes: Mapping[str, Extremes]
+        self, targets: Sequence[Target], sizes: Mapping[str, int]
     ) -> list[tuple[list[str], int]]:
         """Tensors captured together, and the batch size to capture them with."""
         if not targets:
             return []
-        cost = {t.name: max(1, extremes[t.name].per_sample) * t.itemsize for t in targets}
+        cost = {t.name: max(1, sizes[t.name]) * t.itemsize for t in targets}
         fixed = fixed_batch(input_rules(self.model.input_specs(), {}))
         if fixed is not None:
             batch = fixed
@@ -372,6 +410,27 @@ class _Run:
         return [(group, batch) for group in groups]
 
 
+_DONE = object()
+
+
+def _in_background(items: Iterator[T]) -> Iterator[T]:
+    """`items`, each made in a worker thread while the caller works on the one before.
+
+    ONNX Runtime and numpy's element-wise work release the GIL, so capturing and binning
+    batch k + 1 overlaps counting batch k."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="graphopt-calibration")
+    try:
+        pending = pool.submit(next, items, _DONE)
+        while (item := pending.result()) is not _DONE:
+            pending = pool.submit(next, items, _DONE)
+            yield item  # type: ignore[misc]
+    finally:
+        pool.shutdown(wait=True)
+        close = getattr(items, "close", None)
+        if close is not None:
+            close()
+
+
 def _minmax_range(target: Target, seen: Extremes, settings: _Settings) -> TensorRange:
     method, samples = settings.method, seen.samples
     if settings.symmetric:
@@ -380,67 +439,51 @@ def _minmax_range(target: Target, seen: Extremes, settings: _Settings) -> Tensor
     return TensorRange(target.name, seen.low, seen.high, target.axis, method, samples)
 
 
-def _histogram_for(low: float, high: float, settings: _Settings) -> Histogram | None:
-    """The empty histogram pass two counts a tensor seen in [low, high] into (None for a
-    constant tensor).
-
-    Symmetric ranges, entropy and mse count |x| over [0, amax], except entropy on a tensor
-    of both signs: it counts x over [-amax, amax] in twice the bins (the same bin width), so
-    that its search keeps the two sides apart (`entropy_sides`). Signed percentile ranges
-    count x over [low, high]."""
-    amax = max(abs(low), abs(high))
-    if settings.method == "entropy" and low < 0.0 < high:
-        return Histogram(-amax, amax, 2 * settings.bins, absolute=False)
-    absolute = settings.symmetric or settings.method != "percentile"
-    if absolute:
-        low, high = 0.0, amax
-    if not high > low:
-        return None
-    return Histogram(
-        low, high, settings.bins, absolute=absolute, track_top=settings.method == "mse"
-    )
-
-
 def _entropy_thresholds(hist: Histogram, precision: Grid) -> tuple[float, float]:
-    """The entropy thresholds (of the values >= 0, of the magnitudes of those < 0): from an
-    |x| histogram one threshold for both, from a signed one over [-amax, amax] one per
+    """The entropy thresholds (of the values >= 0, of the magnitudes of those < 0): for a
+    tensor of one sign one threshold from its magnitudes, for one of both signs one per
     side, each searched on its own (`entropy_sides`)."""
-    if hist.absolute:
-        threshold = hist.edge(entropy_bins(hist.counts, grid=precision))
+    if not hist.low < 0.0 < hist.high:
+        threshold = entropy_bins(hist.magnitudes(), grid=precision) * hist.width
         return threshold, threshold
-    half = hist.bins // 2
-    positive, negative = hist.counts[half:], hist.counts[:half][::-1]
-    found = entropy_sides(positive, negative, grid=precision)
+    found = entropy_sides(*hist.sides(), grid=precision)
     return found[0] * hist.width, found[1] * hist.width
 
 
 def _histogram_range(
-    target: Target, hist: Histogram, seen: Extremes, settings: _Settings
+    target: Target, hist: Histogram, settings: _Settings, samples: int
 ) -> TensorRange:
-    method, samples = settings.method, seen.samples
+    method, amax = settings.method, hist.amax
+    if hist.low == hist.high:  # a constant tensor: its range is that value
+        seen = Extremes(np.array(hist.low), np.array(hist.high), 0, samples)
+        return _minmax_range(target, seen, settings)
     if method == "percentile" and not settings.symmetric:
         cut = (100.0 - settings.percentile) / 200.0
-        low = percentile_value(hist, cut)
-        high = percentile_value(hist, 1.0 - cut)
-        return TensorRange(target.name, low, high, None, method, samples)
+        counts, start = hist.signed_counts()
+        low = percentile_value(counts, cut, width=hist.width, low=start)
+        high = percentile_value(counts, 1.0 - cut, width=hist.width, low=start)
+        low, high = max(low, hist.low), min(high, hist.high)
+        return TensorRange(target.name, np.array(low), np.array(high), None, method, samples)
     if method == "entropy":
         above, below = _entropy_thresholds(hist, settings.precision)  # type: ignore[arg-type]
         if settings.symmetric:
-            threshold = max(above, below)
+            threshold = min(max(above, below), amax)
             return symmetric_range(
                 target.name, threshold, axis=None, method=method, samples=samples
             )
-        low = max(float(seen.low), -below)
-        high = min(float(seen.high), above)
-        return TensorRange(target.name, low, high, None, method, samples)
+        low = max(hist.low, -below)
+        high = min(hist.high, above)
+        return TensorRange(target.name, np.array(low), np.array(high), None, method, samples)
     if method == "percentile":
-        threshold = percentile_value(hist, settings.percentile / 100.0)
-    else:
-        threshold = hist.edge(
-            mse_bins(hist.counts, top_position=hist.top_position, grid=settings.precision)  # type: ignore[arg-type]
+        threshold = percentile_value(
+            hist.magnitudes(), settings.percentile / 100.0, width=hist.width
         )
+    else:
+        found = mse_bins(hist.magnitudes(), top=hist.top, grid=settings.precision)  # type: ignore[arg-type]
+        threshold = found * hist.width
+    threshold = min(threshold, amax)  # the last bin reaches past the largest value
     if settings.symmetric:
         return symmetric_range(target.name, threshold, axis=None, method=method, samples=samples)
-    low = max(float(seen.low), -threshold)
-    high = min(float(seen.high), threshold)
-    return TensorRange(target.name, low, high, None, method, samples)
+    low = max(hist.low, -threshold)
+    high = min(hist.high, threshold)
+    return TensorRange(target.name, np.array(low), np.array(high), None, method, samples)

@@ -1,9 +1,20 @@
-"""Fixed-edge histograms, and the thresholds the histogram methods read from them.
+"""Streaming histograms whose bins are powers of two wide, and the thresholds the histogram
+methods read from them.
 
-A `Histogram` has its edges fixed before any data arrives (from the global range of pass
-one), and counts values with `np.bincount` on computed bin indices. A value's bin depends
-only on the value, and counts are integers, so the counts (and every threshold read from
-them) are identical however the data is cut into batches or chunks.
+A `Histogram` counts in one pass, with no range known beforehand. Its bins are 2^e wide,
+e the least exponent for which every value seen so far lies below `2 * bins` of them, so
+the observed range [0, max |x|] always spans more than `bins` bins (and at most 2 * bins).
+A value larger than the range so far raises e, and the bins merge in pairs (or fours, …).
+Merging is exact: with power-of-two widths, floor(floor(x / w) / 2) = floor(x / 2w), and
+x / w is an exact float operation. So a value's final bin depends only on the value and
+on the largest magnitude in the whole dataset, and the counts (and every threshold read
+from them) are identical however the data is cut into batches or chunks, in whatever
+order the batches come.
+
+Counting is split in two, so that a caller can overlap them: `bin` does the element-wise
+work (extremes, magnitudes, bin indices relative to the batch's own power-of-two range;
+numpy releases the GIL for it), `count` the bincount and the merge into the running
+counts. `add` does both.
 
 The thresholds are pure functions of the counts:
 
@@ -26,17 +37,21 @@ Each takes 10-20 ms for 2048 bins on one core (int8); the fp8 mse search about 1
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import ml_dtypes
 import numpy as np
 
-# Values are binned this many at a time, so temporaries stay small (a few MiB) whatever the
-# size of the tensor.
+# Values are binned this many at a time, so float temporaries stay small (a few MiB)
+# whatever the size of the tensor.
 CHUNK_ELEMENTS = 1 << 16
 # Candidates are scored in blocks of about this many (candidate, bin) cells.
 BLOCK_CELLS = 1 << 16  # 512 KiB of float64: fits in a core's L2 cache
+# mse scores about this many evenly spaced thresholds first, then refines around the best.
+MSE_COARSE_CANDIDATES = 512
 QUANT_LEVELS = 128  # int8 levels on one side (TensorRT's 128 quantized bins)
 INT8_QMAX = 127  # symmetric int8 quantizes to -127..127
 MIN_BINS = QUANT_LEVELS
@@ -49,128 +64,299 @@ FP8_VALUES = np.unique(
 FP8_VALUES = FP8_VALUES[np.isfinite(FP8_VALUES)]
 _FP8_MIN_NORMAL_EXP = -6  # smallest normal value 2^-6; below it the step is 2^-9
 _FP8_MANTISSA_BITS = 3
-_TOP_ONE = 1 << 24  # fixed-point unit of positions inside the last bin
+# float32 holds 2^k exactly for -126 <= k <= 127; scales outside that are applied in float64.
+_FLOAT32_EXPONENTS = range(-126, 128)
+# With `track_max`, the values this many float steps or fewer below the largest magnitude are
+# kept exactly (2^14 float32 steps: the top 2^-10 to 2^-9 of the range, a few bins): where a
+# saturating activation piles up (tanh's values just under 1.0, 1.0 itself, 1 + ulp).
+NEAR_MAX_STEPS = 1 << 14
+
+
+@dataclass
+class Binned:
+    """One tensor's values from one batch, binned by `Histogram.bin` for `Histogram.count`.
+
+    Attributes:
+        parts: per chunk of values that holds a non-zero one, (exponent, indices): the
+            chunk's bins are 2^exponent wide (the least that holds its largest magnitude),
+            indices the bin of each of its finite values (uint16 or int32; with a signed
+            histogram, the bins of negative values are offset by the histogram's size).
+        zeros: finite values in chunks that held nothing else.
+        low, high: the least and the largest finite value (inf, -inf when none).
+        nonfinite: inf and NaN values, left out of everything else.
+        near_max: the values near this batch's largest magnitude (with `track_max`).
+    """
+
+    parts: list[tuple[int, np.ndarray]]
+    zeros: int
+    low: float
+    high: float
+    nonfinite: int
+    near_max: NearMax | None = None
 
 
 class Histogram:
-    """Counts of values in `bins` equal bins over [low, high].
+    """Counts of a tensor's values in bins of width 2^e over [0, 2 * bins * 2^e), streamed.
 
-    With `absolute`, |x| is counted (low is then 0). Values outside [low, high] land in the
-    first or last bin; non-finite values are counted apart in `nonfinite`.
-
-    With `track_top`, the mean position of the values inside the last bin is kept too
-    (`top_position`): a saturating activation (ReLU6, tanh, sigmoid) piles its values up
-    at one point there, and the mse method treats them as the point mass they are rather
-    than spread over the bin. Positions are summed in fixed point, so the sum, too, does
-    not depend on the order the values come in.
+    Without `signed`, the magnitudes |x| are counted. With it, the values >= 0 (`positive`)
+    and the magnitudes of the values < 0 (`negative`) are counted apart, in bins of the
+    same width, so a method can search each side of a tensor of both signs on its own.
+    Non-finite values are counted apart in `nonfinite`. `low` and `high` are the exact
+    least and largest finite values. With `track_max`, `near_max` counts the exact values
+    (magnitudes) within NEAR_MAX_STEPS float steps of the largest one: a saturating
+    activation (ReLU6, tanh, sigmoid) piles its values up there, and the mse method treats
+    them as the point masses they are rather than spread evenly over their bins. All of
+    these are order-independent (see `NearMax`).
     """
 
-    def __init__(
-        self, low: float, high: float, bins: int, *, absolute: bool, track_top: bool = False
-    ) -> None:
-        if not (np.isfinite(low) and np.isfinite(high) and high > low):
-            raise ValueError(f"A histogram needs finite low < high, got [{low}, {high}].")
-        if bins < 1:
-            raise ValueError(f"A histogram needs at least one bin, got {bins}.")
-        self.low = float(low)
-        self.high = float(high)
+    def __init__(self, bins: int, *, signed: bool = False, track_max: bool = False) -> None:
+        if bins < 1 or bins & (bins - 1):
+            raise ValueError(f"A histogram needs a power of two of bins, got {bins}.")
         self.bins = int(bins)
-        self.absolute = absolute
-        self.width = (self.high - self.low) / self.bins
-        self.counts = np.zeros(self.bins, dtype=np.int64)
+        self.size = 2 * self.bins
+        self.signed = signed
+        self.track_max = track_max
+        self.exponent: int | None = None  # bins are 2^exponent wide; None: no value > 0 yet
+        self.positive = np.zeros(self.size, dtype=np.int64)
+        self.negative = np.zeros(self.size, dtype=np.int64) if signed else None
         self.nonfinite = 0
-        self.track_top = track_top
-        self._top_fixed = 0  # sum of (position - (bins - 1)) * _TOP_ONE over the last bin
-        # float32 data is binned in float32 (half the memory traffic); the scale is rounded
-        # once, so a value's bin is still a fixed function of the value.
-        self._scale64 = self.bins / (self.high - self.low)
+        self.low = math.inf
+        self.high = -math.inf
+        self.near_max: NearMax | None = None
+        self._index_type = np.uint16 if (2 if signed else 1) * self.size <= 1 << 16 else np.int32
+
+    # ------------------------------------------------------------------------ counting
 
     def add(self, values: np.ndarray) -> None:
         """Count every element of `values` (any shape, any float dtype)."""
+        self.count(self.bin(values))
+
+    def bin(self, values: np.ndarray) -> Binned:
+        """The element-wise half of `add`, chunk by chunk so that each chunk is read from
+        memory once: extremes, magnitudes, the values near the maximum, bin indices.
+        Touches nothing of the histogram's counts, so it can run in another thread while
+        `count` takes the previous batch."""
         flat = np.asarray(values).reshape(-1)
-        native = flat.dtype in (np.float16, np.float32, np.float64)
-        work = np.float64 if flat.dtype == np.float64 else np.float32
-        scaled = np.empty(min(flat.size, CHUNK_ELEMENTS), dtype=work)
-        # int32: the float32 -> int32 cast is vectorised where float32 -> int64 is not (without
-        # AVX-512), 13 % of the counting time; np.bincount widens the indices itself.
-        index = np.empty(scaled.size, dtype=np.int32)
+        if flat.dtype not in (np.float16, np.float32, np.float64):
+            flat = flat.astype(np.float32)  # bfloat16 and other ml_dtypes
+        kind = np.float64 if flat.dtype == np.float64 else np.float32
+        found = Binned([], 0, math.inf, -math.inf, 0, NearMax(kind) if self.track_max else None)
+        scratch = np.empty(min(flat.size, CHUNK_ELEMENTS), dtype=kind)
         for start in range(0, flat.size, CHUNK_ELEMENTS):
-            chunk = flat[start : start + CHUNK_ELEMENTS]
-            if not native:  # bfloat16 and other ml_dtypes: numpy ufuncs want a cast first
-                chunk = chunk.astype(np.float32)
-            n = chunk.size
-            self._count(chunk, scaled[:n], index[:n], work)
+            self._bin_chunk(flat[start : start + CHUNK_ELEMENTS], scratch, found)
+        return found
 
-    def _count(self, chunk: np.ndarray, scaled: np.ndarray, index: np.ndarray, work: type) -> None:
-        """Bin one chunk: position = (|x| or x - low) * bins / (high - low), truncated.
+    def _bin_chunk(self, chunk: np.ndarray, scratch: np.ndarray, found: Binned) -> None:
+        low, high = chunk.min(), chunk.max()
+        if not (np.isfinite(low) and np.isfinite(high)):
+            finite = np.isfinite(chunk)
+            found.nonfinite += int(chunk.size - np.count_nonzero(finite))
+            chunk = chunk[finite]
+            if not chunk.size:
+                return
+            low, high = chunk.min(), chunk.max()
+        found.low, found.high = min(found.low, float(low)), max(found.high, float(high))
+        amax = abs(max(-float(low), float(high)))  # not -0.0
+        magnitudes = np.abs(chunk, out=scratch[: chunk.size])
+        if found.near_max is not None:
+            found.near_max.add(magnitudes, amax)
+        if amax == 0.0:
+            found.zeros += chunk.size
+            return
+        exponent = math.frexp(amax)[1] - self.size.bit_length() + 1  # amax < size * 2^e
+        if magnitudes.dtype == np.float32 and -exponent not in _FLOAT32_EXPONENTS:
+            magnitudes = magnitudes.astype(np.float64)  # a scale float32 cannot hold
+        np.multiply(magnitudes, magnitudes.dtype.type(2.0**-exponent), out=magnitudes)  # exact
+        indices = np.empty(chunk.size, dtype=self._index_type)
+        np.copyto(indices, magnitudes, casting="unsafe")  # truncation: floor, for values >= 0
+        if self.signed and low < 0:
+            np.add(indices, self._index_type(self.size), out=indices, where=chunk < 0)
+        found.parts.append((exponent, indices))
 
-        The fast path leaves non-finite values to `np.bincount`, which refuses the negative
-        index they turn into; the chunk is then counted again, carefully."""
-        if self.absolute:
-            np.abs(chunk, out=scaled)
-        else:
-            np.subtract(chunk, work(self.low), out=scaled)
-        np.multiply(scaled, work(self._scale64), out=scaled)
-        with np.errstate(invalid="ignore"):
-            np.copyto(index, scaled, casting="unsafe")
-        try:
-            found = np.bincount(index, minlength=self.bins)
-        except ValueError:  # a negative index: inf or NaN (or a value below low)
-            scaled, index = self._finite(scaled)
-            found = np.bincount(index, minlength=self.bins)
-        if found.size > self.bins:  # the maximum itself (position == bins), or rounding
-            found[self.bins - 1] += found[self.bins :].sum()
-            found = found[: self.bins]
-        self.counts += found
-        if self.track_top:
-            top = self.bins - 1
-            inside = np.clip(scaled[scaled >= top] - top, 0.0, 1.0)
-            self._top_fixed += int(np.rint(inside * _TOP_ONE).astype(np.int64).sum())
+    def count(self, binned: Binned) -> None:
+        """The counting half of `add`: merge one batch's bins into the running counts."""
+        self.nonfinite += binned.nonfinite
+        if binned.low > binned.high:  # no finite values
+            return
+        self._count_extremes(binned)
+        self.positive[0] += binned.zeros
+        if not binned.parts:
+            return
+        top = max(exponent for exponent, _ in binned.parts)
+        if self.exponent is None:
+            self.exponent = top
+        elif top > self.exponent:
+            self._coarsen(top - self.exponent)
+            self.exponent = top
+        sides = [self.positive, self.negative] if self.signed else [self.positive]
+        for exponent, indices in binned.parts:
+            counts = np.bincount(indices, minlength=self.size * len(sides))
+            for side, half in zip(sides, (counts[: self.size], counts[self.size :]), strict=False):
+                side += _coarsened(half, self.exponent - exponent)
 
-    def _finite(self, scaled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        finite = np.isfinite(scaled)
-        self.nonfinite += int(scaled.size - np.count_nonzero(finite))
-        kept = np.clip(scaled[finite], 0, self.bins - 1)
-        return kept, kept.astype(np.intp)
+    def _count_extremes(self, binned: Binned) -> None:
+        self.low = min(self.low, binned.low)
+        self.high = max(self.high, binned.high)
+        if binned.near_max is not None:
+            if self.near_max is None:
+                self.near_max = NearMax(binned.near_max.kind)
+            self.near_max.merge(binned.near_max)
+
+    def _coarsen(self, steps: int) -> None:
+        self.positive = _coarsened(self.positive, steps)
+        if self.negative is not None:
+            self.negative = _coarsened(self.negative, steps)
+
+    # ------------------------------------------------------------------------ reading
 
     @property
-    def top_position(self) -> float | None:
-        """Mean position of the last bin's values, in bins from `low` (in [bins - 1, bins]);
-        None unless tracked and the bin holds values."""
-        if not self.track_top or not self.counts[-1]:
-            return None
-        return self.bins - 1 + self._top_fixed / _TOP_ONE / float(self.counts[-1])
+    def amax(self) -> float:
+        """The largest finite magnitude seen (-inf before any)."""
+        return max(-self.low, self.high)
 
     @property
     def total(self) -> int:
-        return int(self.counts.sum())
+        """Finite values counted."""
+        found = int(self.positive.sum())
+        return found if self.negative is None else found + int(self.negative.sum())
 
-    def edge(self, index: float) -> float:
-        """The value at (fractional) bin position `index`: low + index * width."""
-        return self.low + index * self.width
+    @property
+    def width(self) -> float:
+        """Bin width (0.0 while no non-zero value has been seen)."""
+        return 0.0 if self.exponent is None else math.ldexp(1.0, self.exponent)
+
+    @property
+    def used(self) -> int:
+        """Bins from 0 up to the one holding the largest magnitude (0 before any)."""
+        if self.exponent is None:
+            return 1 if self.total else 0
+        return int(math.ldexp(self.amax, -self.exponent)) + 1
+
+    def magnitudes(self) -> np.ndarray:
+        """Counts of |x| in the `used` bins."""
+        found = self.positive[: self.used]
+        return found if self.negative is None else found + self.negative[: self.used]
+
+    def sides(self) -> tuple[np.ndarray, np.ndarray]:
+        """Counts of the values >= 0 and of the magnitudes of those < 0 (signed only), in
+        the `used` bins each."""
+        if self.negative is None:
+            raise ValueError("Only a signed histogram keeps the two sides apart.")
+        return self.positive[: self.used], self.negative[: self.used]
+
+    def signed_counts(self) -> tuple[np.ndarray, float]:
+        """Counts over [-used * width, used * width) in bins of `width`, the negative side
+        reversed in front of the positive one, and the low end of that range."""
+        positive, negative = self.sides()
+        return np.concatenate((negative[::-1], positive)), -self.used * self.width
+
+    @property
+    def top(self) -> list[tuple[float, int]]:
+        """The values near the largest magnitude (`near_max`) as (position in bins, count),
+        ascending; empty without `track_max` or before a non-zero value."""
+        if self.near_max is None or self.exponent is None:
+            return []
+        values, counts = self.near_max.values()
+        positions = np.ldexp(values, -self.exponent)
+        return [(float(p), int(c)) for p, c in zip(positions, counts, strict=True)]
+
+
+class NearMax:
+    """Exact counts of the magnitudes at most NEAR_MAX_STEPS float steps below the largest.
+
+    Steps are float32's (float64's for float64 data): counts[i] is how many magnitudes have
+    the bit pattern `anchor - i`, `anchor` being the largest magnitude's. A larger maximum
+    moves the anchor up and drops what falls out of its window. That is exact whatever the
+    order: a value within the window of the overall largest magnitude is within the
+    window of every batch's (or chunk's) largest, which is no larger, so every one of them
+    counted all of its copies.
+    """
+
+    def __init__(self, kind: type) -> None:
+        self.kind = kind
+        self.anchor: int | None = None
+        self.counts = np.zeros(NEAR_MAX_STEPS + 1, dtype=np.int64)
+
+    @property
+    def _ints(self) -> type:
+        return np.int64 if self.kind is np.float64 else np.int32
+
+    def add(self, magnitudes: np.ndarray, amax: float) -> None:
+        """Count the `magnitudes` (of this kind) in the window; `amax` is their largest."""
+        bits = int(np.array(amax, dtype=self.kind).view(self._ints))
+        if self.anchor is not None and bits < self.anchor - NEAR_MAX_STEPS:
+            return  # all of them below the window
+        self._raise(bits)
+        assert self.anchor is not None
+        cut = np.array(max(self.anchor - NEAR_MAX_STEPS, 0), dtype=self._ints).view(self.kind)
+        near = magnitudes[magnitudes >= cut]
+        if near.size:
+            found = np.bincount(self.anchor - near.view(self._ints))
+            self.counts[: found.size] += found
+
+    def merge(self, other: NearMax) -> None:
+        if other.anchor is None:
+            return
+        self._raise(other.anchor)
+        assert self.anchor is not None
+        shift = self.anchor - other.anchor
+        if shift < self.counts.size:
+            self.counts[shift:] += other.counts[: self.counts.size - shift]
+
+    def _raise(self, bits: int) -> None:
+        if self.anchor is None or bits > self.anchor:
+            shift = bits - (bits if self.anchor is None else self.anchor)
+            moved = np.zeros_like(self.counts)
+            if shift < moved.size:
+                moved[shift:] = self.counts[: moved.size - shift]
+            self.counts, self.anchor = moved, bits
+
+    def values(self) -> tuple[np.ndarray, np.ndarray]:
+        """(the magnitudes that occur, ascending, as float64; their counts)."""
+        if self.anchor is None:
+            return np.empty(0), np.empty(0, dtype=np.int64)
+        offsets = np.flatnonzero(self.counts)[::-1]
+        bits = (self.anchor - offsets).astype(self._ints)
+        return bits.view(self.kind).astype(np.float64), self.counts[offsets]
+
+
+def _coarsened(counts: np.ndarray, steps: int) -> np.ndarray:
+    """Counts in bins 2^steps times as wide (the same number of bins, the top ones empty)."""
+    if steps <= 0:
+        return counts
+    size = counts.size
+    merged = np.zeros_like(counts)
+    factor = 1 << min(steps, size.bit_length())
+    if factor >= size:
+        merged[0] = counts.sum()
+    else:
+        merged[: size // factor] = counts.reshape(size // factor, factor).sum(axis=1)
+    return merged
 
 
 # ---------------------------------------------------------------------------- percentile
 
 
-def percentile_value(hist: Histogram, fraction: float) -> float:
-    """The value below which `fraction` (0..1) of the counted values lie.
+def percentile_value(
+    counts: np.ndarray, fraction: float, *, width: float, low: float = 0.0
+) -> float:
+    """The value below which `fraction` (0..1) of the values counted in `counts` lie, bins
+    of `width` from `low`.
 
     Values are taken as spread evenly inside each bin, so the result moves linearly inside
     the bin where the cumulative count reaches ``fraction * total``.
     """
-    counts = hist.counts
     total = int(counts.sum())
     if total == 0:
-        return hist.low
+        return low
     cumulative = np.cumsum(counts)
     target = min(max(fraction, 0.0), 1.0) * total
     index = int(np.searchsorted(cumulative, target, side="left"))
-    index = min(index, hist.bins - 1)
+    index = min(index, counts.size - 1)
     before = float(cumulative[index - 1]) if index else 0.0
     inside = float(counts[index])
     within = (target - before) / inside if inside else 0.0
-    return hist.edge(index + min(max(within, 0.0), 1.0))
+    return low + (index + min(max(within, 0.0), 1.0)) * width
 
 
 # ---------------------------------------------------------------------------- entropy
@@ -366,35 +552,89 @@ def mse_bins(
     counts: np.ndarray,
     qmax: int = INT8_QMAX,
     *,
-    top_position: float | None = None,
+    top: Sequence[tuple[float, int]] = (),
     grid: Grid = "int8",
 ) -> int:
     """The number of bins k (1..len(counts)) whose right edge, as the clip threshold t of
     symmetric quantization to -qmax..qmax (grid "int8") or to fp8 scaled so that 448 is t
     (grid "fp8"), gives the least expected squared error.
 
-    See `mse_errors` and `mse_errors_fp8`. Ties go to the smallest k.
+    See `mse_errors` and `mse_errors_fp8`. Scoring one candidate costs O(k), so with more
+    than MSE_COARSE_CANDIDATES bins every stride-th candidate is scored first and then every
+    one within a stride of the best of those (the error is smooth in k at the scale of a
+    few bins: clipping is convex, rounding grows with the step). Ties go to the smallest k
+    among those scored.
     """
-    if grid == "fp8":
-        errors = mse_errors_fp8(counts, top_position=top_position)
-    else:
-        errors = mse_errors(counts, qmax, top_position=top_position)
-    return int(np.argmin(errors)) + 1
+    n = len(counts)
+
+    def scored(candidates: np.ndarray) -> np.ndarray:
+        if grid == "fp8":
+            return mse_errors_fp8(counts, top=top, candidates=candidates)
+        return mse_errors(counts, qmax, top=top, candidates=candidates)
+
+    stride = max(1, n // MSE_COARSE_CANDIDATES)
+    candidates = np.unique(np.append(np.arange(stride, n + 1, stride), n))
+    best = int(candidates[np.argmin(scored(candidates))])
+    if stride > 1:
+        candidates = np.arange(max(1, best - stride), min(n, best + stride) + 1)
+        best = int(candidates[np.argmin(scored(candidates))])
+    return best
 
 
 def _mse_setup(
-    counts: np.ndarray, top_position: float | None
-) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
-    """(counts as float64, with the last bin moved to the point mass when `top_position` is
-    given; that point mass; bin indices j = 0..n-1; candidates k = 1..n)."""
+    counts: np.ndarray, top: Sequence[tuple[float, int]], candidates: np.ndarray | None
+) -> tuple[np.ndarray, list[tuple[float, float]], np.ndarray, np.ndarray]:
+    """(counts as float64, less the point masses of `top`; those masses as (position,
+    count); bin indices j = 0..n-1; the candidates k, by default 1..n)."""
     c = np.asarray(counts, dtype=np.float64).copy()
     n = c.size
     if n < 1:
         raise ValueError("The mse method needs at least one bin.")
-    point_mass = 0.0
-    if top_position is not None:
-        point_mass, c[-1] = c[-1], 0.0
-    return c, point_mass, np.arange(n, dtype=np.float64), np.arange(1, n + 1, dtype=np.float64)
+    masses = []
+    for position, count in top:
+        if not 0 <= position < n:
+            raise ValueError(f"The point mass at {position} lies outside the bins [0, {n}).")
+        held = min(float(count), c[int(position)])
+        c[int(position)] -= held
+        masses.append((float(position), held))
+    if candidates is None:
+        k = np.arange(1, n + 1, dtype=np.float64)
+    else:
+        k = np.asarray(candidates, dtype=np.float64)
+        if k.size and not (np.all(np.diff(k) > 0) and 1 <= k[0] and k[-1] <= n):
+            raise ValueError(f"Candidates must ascend within 1..{n}.")
+    return c, masses, np.arange(n, dtype=np.float64), k
+
+
+def _point_mass_errors(
+    masses: Sequence[tuple[float, float]],
+    k: np.ndarray,
+    rounded: Callable[[np.ndarray, np.ndarray], np.ndarray],
+) -> np.ndarray:
+    """The squared error of the point masses (position, count) for each threshold k:
+    (mu - k)^2 where k clips mu, (mu - rounded(mu, k))^2 where k holds it.
+
+    Clipping comes from suffix sums over the masses sorted by position (O(log) per k);
+    rounding is computed mass by mass only for the few thresholds above the lowest mass
+    (the masses lie within a few bins of the top)."""
+    errors = np.zeros(k.size)
+    if not masses:
+        return errors
+    mu, mass = (np.array(column, dtype=np.float64) for column in zip(*sorted(masses), strict=True))
+
+    def suffix(values: np.ndarray) -> np.ndarray:
+        return np.concatenate((np.cumsum(values[::-1])[::-1], [0.0]))
+
+    s0, s1, s2 = suffix(mass), suffix(mass * mu), suffix(mass * mu * mu)
+    first = np.searchsorted(mu, k, side="right")  # the masses above k: mu[first:]
+    errors += s2[first] - 2 * k * s1[first] + k * k * s0[first]
+    holds = np.flatnonzero(k >= mu[0])
+    for start in range(0, holds.size, max(1, BLOCK_CELLS // mu.size)):
+        kk = k[holds[start : start + max(1, BLOCK_CELLS // mu.size)]]
+        error = (mu[None, :] - rounded(mu, kk)) ** 2
+        error[kk[:, None] < mu[None, :]] = 0.0  # clipped: counted above
+        errors[holds[start : start + kk.size]] += error @ mass
+    return errors
 
 
 def _clipping_errors(c: np.ndarray, j: np.ndarray, k: np.ndarray) -> np.ndarray:
@@ -409,10 +649,15 @@ def _clipping_errors(c: np.ndarray, j: np.ndarray, k: np.ndarray) -> np.ndarray:
 
 
 def mse_errors(
-    counts: np.ndarray, qmax: int = INT8_QMAX, *, top_position: float | None = None
+    counts: np.ndarray,
+    qmax: int = INT8_QMAX,
+    *,
+    top: Sequence[tuple[float, int]] = (),
+    candidates: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Expected total squared error for each clip threshold t = k bins (k = 1..n), bin
-    width 1 (the minimiser does not depend on it); element k-1 is threshold k.
+    """Expected total squared error for each clip threshold t = k bins (k = 1..n, or the
+    ascending integers `candidates`), bin width 1 (the minimiser does not depend on it);
+    element i is the threshold k = i + 1 (or candidates[i]).
 
     Values are taken as uniform inside each bin, with exact integrals, so bins narrower or
     wider than the quantization step s = t / qmax both come out right:
@@ -424,25 +669,27 @@ def mse_errors(
       periodic; so the bins below t give s^2 / 12 per value, plus
       sum over 0 < j < k of (c[j-1] - c[j]) * phi(j) (phi vanishes at 0 and at t).
 
-    With `top_position` (in [n - 1, n]), the last bin's values are taken as one point mass
-    there (`Histogram.top_position`): clipped by top_position - k below it, rounded at
-    k = n.
+    Each (position, count) of `top` takes `count` of its bin's values out as a point mass
+    at that position (`Histogram.top`: the values at and just below the largest
+    magnitude), the rest of the bin staying uniform: the mass is clipped by position - k
+    by thresholds below it and rounded by the others.
 
     Raises:
         ValueError: no bins.
     """
-    c, point_mass, j, k = _mse_setup(counts, top_position)
+    c, masses, j, k = _mse_setup(counts, top, candidates)
     n = c.size
     step = k / qmax
-    clipping = _clipping_errors(c, j, k)
+    at = k.astype(np.int64) - 1
+    clipping = _clipping_errors(c, j, j + 1)[at]
 
     # Rounding: bins j < k.
-    below = np.cumsum(c)  # sum over j < k of c_j, for k = 1..n
+    below = np.cumsum(c)[at]  # sum over j < k of c_j
     rounding = below * step * step / 12.0
     jumps = np.concatenate(([0.0], c[:-1] - c[1:]))  # c[j-1] - c[j] at edge j
     edges = j[1:]
     block = max(1, BLOCK_CELLS // max(n, 1))
-    for first in range(0, n, block):
+    for first in range(0, k.size, block):
         kk = k[first : first + block]
         width = int(kk[-1]) - 1  # edges 1..k-1 of the largest candidate in the block
         if width <= 0:
@@ -454,18 +701,23 @@ def mse_errors(
         phi[u >= kk[:, None]] = 0.0
         rounding[first : first + block] += phi @ jumps[1 : width + 1]
     errors = clipping + rounding
-    if point_mass:
-        mu = float(top_position)  # type: ignore[arg-type]
-        errors += point_mass * np.maximum(mu - k, 0.0) ** 2  # clipped below it
-        step_n = n / qmax
-        errors[-1] += point_mass * (mu - step_n * np.floor(mu / step_n + 0.5)) ** 2
-    return errors
+
+    def rounded(mu: np.ndarray, kk: np.ndarray) -> np.ndarray:
+        s = kk[:, None] / qmax
+        return s * np.floor(mu[None, :] / s + 0.5)
+
+    return errors + _point_mass_errors(masses, k, rounded)
 
 
-def mse_errors_fp8(counts: np.ndarray, *, top_position: float | None = None) -> np.ndarray:
+def mse_errors_fp8(
+    counts: np.ndarray,
+    *,
+    top: Sequence[tuple[float, int]] = (),
+    candidates: np.ndarray | None = None,
+) -> np.ndarray:
     """`mse_errors` for the fp8 grid: the expected total squared error for each clip
-    threshold t = k bins (k = 1..n), with values scaled by s = t / 448 and rounded to the
-    nearest float8 e4m3fn value (saturating at t).
+    threshold t = k bins (k = 1..n, or `candidates`), with values scaled by s = t / 448 and
+    rounded to the nearest float8 e4m3fn value (saturating at t).
 
     Clipping is as for int8. Rounding uses the same exact integral over uniform bins, with the
     grid's step taken per binade: [2^e, 2^(e+1)) has step 2^(e-3) (and [0, 2^-6) step 2^-9),
@@ -477,17 +729,18 @@ def mse_errors_fp8(counts: np.ndarray, *, top_position: float | None = None) -> 
     Raises:
         ValueError: no bins.
     """
-    c, point_mass, j, k = _mse_setup(counts, top_position)
+    c, masses, j, k = _mse_setup(counts, top, candidates)
     n = c.size
     scale = k / FP8_MAX
-    clipping = _clipping_errors(c, j, k)
+    at = k.astype(np.int64) - 1
+    clipping = _clipping_errors(c, j, j + 1)[at]
 
     # G at the threshold itself: scale^3 G_1(448).
-    rounding = c * scale**3 * float(fp8_rounding_integral(np.array([FP8_MAX]))[0])
+    rounding = c[at] * scale**3 * float(fp8_rounding_integral(np.array([FP8_MAX]))[0])
     jumps = np.concatenate(([0.0], c[:-1] - c[1:]))
     edges = j[1:]
     block = max(1, BLOCK_CELLS // max(n, 1))
-    for first in range(0, n, block):
+    for first in range(0, k.size, block):
         kk = k[first : first + block]
         width = int(kk[-1]) - 1
         if width <= 0:
@@ -498,13 +751,13 @@ def mse_errors_fp8(counts: np.ndarray, *, top_position: float | None = None) -> 
         g[u >= kk[:, None]] = 0.0
         rounding[first : first + block] += g @ jumps[1 : width + 1]
     errors = clipping + rounding
-    if point_mass:
-        mu = float(top_position)  # type: ignore[arg-type]
-        errors += point_mass * np.maximum(mu - k, 0.0) ** 2
-        step = n / FP8_MAX
-        nearest = np.float64(np.float32(min(mu / step, FP8_MAX)).astype(ml_dtypes.float8_e4m3fn))
-        errors[-1] += point_mass * (mu - step * nearest) ** 2
-    return errors
+
+    def rounded(mu: np.ndarray, kk: np.ndarray) -> np.ndarray:
+        s = kk[:, None] / FP8_MAX
+        grid = np.minimum(mu[None, :] / s, FP8_MAX).astype(np.float32)
+        return s * grid.astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
+
+    return errors + _point_mass_errors(masses, k, rounded)
 
 
 def fp8_rounding_integral(x: np.ndarray) -> np.ndarray:

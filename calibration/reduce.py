@@ -1,4 +1,4 @@
-"""Pass one: min and max of each tensor, reduced inside the graph.
+"""Min and max of each tensor, reduced inside the graph.
 
 `resolve_targets` finds the requested tensors in the model and checks they can be
 calibrated (float, in the main graph). `reduce_ranges` runs a copy of the model with a
@@ -6,8 +6,8 @@ ReduceMin and a ReduceMax per tensor (keepdims=0; over every axis but the channe
 per channel) as extra outputs, so only those few numbers leave ONNX Runtime per batch, and
 memory does not depend on the number of samples. For minmax a ReduceSum per tensor gives
 away inf and NaN values (ONNX Runtime's ReduceMin/ReduceMax skip a NaN unless it comes
-first); before a histogram pass, which finds them itself, a Size per tensor tells instead
-how many elements one sample of it holds (pass two sizes its batches from that).
+first); for the histogram pass, which finds them itself, a Size per tensor tells instead
+how many elements one sample of it holds (run on one sample, to size its batches).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class Target:
 
 @dataclass
 class Extremes:
-    """What pass one found for one tensor."""
+    """What the reductions found for one tensor."""
 
     low: np.ndarray  # float64, () or (C,)
     high: np.ndarray
@@ -81,7 +81,7 @@ def resolve_targets(
 
     Types (and, for per-channel tensors, ranks) missing from the model are inferred with
     ONNX shape inference on a copy. A type even that cannot tell (the output of a custom
-    operator, say) is left to ONNX Runtime: pass one checks it on the first batch.
+    operator, say) is left to ONNX Runtime: the reductions check it on the first batch.
 
     Raises:
         CalibrationError: an unknown or non-float tensor, or a bad axis.
@@ -183,7 +183,7 @@ def _quoted(names: Sequence[str]) -> str:
     return ", ".join(f"'{n}'" for n in names)
 
 
-# ---------------------------------------------------------------------------- pass one
+# ---------------------------------------------------------------------------- reductions
 
 
 @dataclass(frozen=True)
@@ -348,7 +348,7 @@ class _Builder:
             (size, ir.DataType.INT64, ir.Shape([])),
         ):
             if value is not None:
-                # An unknown type stays unknown: ONNX Runtime infers it (and pass one checks).
+                # An unknown type stays unknown: ONNX Runtime infers it (and we check).
                 known = target.dtype is not None or dtype == ir.DataType.INT64
                 value.type = ir.TensorType(dtype) if known else None
                 value.shape = dims

@@ -456,11 +456,35 @@ def capture(
     threads: int | None = None,
     workdir: Path | None = None,
 ) -> None:
-    """Run the model over the dataset and hand each batch's named tensors to `callback`.
+    """Run the model over the dataset and hand each batch's named tensors to `callback`
+    (see `captured`)."""
+    for batch, values in captured(
+        model,
+        dataset,
+        tensor_names,
+        batch_size=batch_size,
+        device=device,
+        threads=threads,
+        workdir=workdir,
+    ):
+        callback(batch, values)
+
+
+def captured(
+    model: Model,
+    dataset: Dataset,
+    tensor_names: Sequence[str],
+    *,
+    batch_size: int = 32,
+    device: Device = "auto",
+    threads: int | None = None,
+    workdir: Path | None = None,
+) -> Iterator[tuple[Batch, dict[str, np.ndarray]]]:
+    """Run the model over the dataset, yielding each batch with its named tensors.
 
     Intermediate tensors are exposed as extra outputs on a copy of the model; only the
-    requested tensors are computed and fetched, and nothing is kept after the callback
-    returns, so memory stays at one batch of activations.
+    requested tensors are computed and fetched, and nothing is kept once the consumer moves
+    on to the next batch, so memory stays at one batch of activations.
     """
     names = list(dict.fromkeys(tensor_names))
     session = create_session(
@@ -471,10 +495,9 @@ def capture(
         workdir=workdir,
         only_extra=True,
     )
-    for batch, values in run_dataset(
+    yield from run_dataset(
         session, dataset, batch_size=batch_size, outputs=names, description="capturing"
-    ):
-        callback(batch, values)
+    )
 
 
 # ---------------------------------------------------------------------------- latency

@@ -17,14 +17,28 @@ def histogram(values: np.ndarray, bins: int) -> tuple[np.ndarray, float]:
     return counts, amax / bins
 
 
+def doubling_width(amax: float, bins: int) -> float:
+    """The bin width of calibration's one-pass histograms: the least power of two w for
+    which amax < 2 * bins * w."""
+    width = 2.0 ** np.ceil(np.log2(amax))
+    while amax >= 2 * bins * width:
+        width *= 2
+    while amax < bins * width:  # amax < 2 * bins * (width / 2): half of it still holds amax
+        width /= 2
+    return width
+
+
 def signed_histograms(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """np.histogram of the values >= 0 and of the magnitudes of those < 0, each in `bins`
-    bins over [0, amax]; returns (positive, negative, bin width)."""
+    """np.histogram of the values >= 0 and of the magnitudes of those < 0, in bins of
+    calibration's width (`doubling_width`) from 0 up to the bin holding amax; returns
+    (positive, negative, bin width)."""
     x = values.astype(np.float64).ravel()
     amax = float(np.abs(x).max())
-    positive, _ = np.histogram(x[x >= 0], bins=bins, range=(0.0, amax))
-    negative, _ = np.histogram(-x[x < 0], bins=bins, range=(0.0, amax))
-    return positive, negative, amax / bins
+    width = doubling_width(amax, bins)
+    edges = np.arange(int(amax // width) + 2) * width
+    positive, _ = np.histogram(x[x >= 0], bins=edges)
+    negative, _ = np.histogram(-x[x < 0], bins=edges)
+    return positive, negative, width
 
 
 def kl_divergences(

@@ -478,3 +478,34 @@ def test_tensor_types_only_onnx_runtime_knows() -> None:
     with pytest.raises(CalibrationError, match=r"'pred' \(int64\)"):
         reduce_ranges(model, conv_data(8), [Target("pred", None, 1, None)], histograms=False,
                       batch_size=4, device="cpu", threads=None, workdir=None)  # fmt: skip
+
+
+def test_work_in_the_background_hands_its_errors_to_the_caller() -> None:
+    from graphopt.calibration.calibrate import _in_background
+
+    closed = []
+
+    def items():
+        try:
+            yield 1
+            yield 2
+            raise RuntimeError("ORT failed on batch 3")
+        finally:
+            closed.append(True)
+
+    got = []
+    with pytest.raises(RuntimeError, match="batch 3"):
+        for item in _in_background(items()):
+            got.append(item)
+    assert got == [1, 2] and closed == [True]
+
+    def endless():
+        try:
+            while True:
+                yield 0
+        finally:
+            closed.append("endless")
+
+    for _ in _in_background(endless()):
+        break  # the caller stops early: the worker is joined and the generator closed
+    assert closed[-1] == "endless"

@@ -1,5 +1,6 @@
-"""tests calibration/histogram.py: fixed-edge counting and the three thresholds, against
-plain implementations of their definitions on the raw samples."""
+"""tests calibration/histogram.py: one-pass counting in power-of-two bins (exact whatever the
+batching) and the three thresholds, against plain implementations of their definitions on
+the raw samples."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def _samples(kind: str, n: int = 20000, seed: int = 0) -> np.ndarray:
 
 
 def _abs_histogram(x: np.ndarray, bins: int) -> Histogram:
-    hist = Histogram(0.0, float(np.abs(x).max()), bins, absolute=True)
+    hist = Histogram(bins)
     hist.add(x)
     return hist
 
@@ -40,45 +41,119 @@ def _abs_histogram(x: np.ndarray, bins: int) -> Histogram:
 
 def test_counts_match_np_histogram() -> None:
     x = _samples("heavy")
-    hist = _abs_histogram(x, 2048)
-    reference, _ = bruteforce.histogram(x, 2048)
+    hist = _abs_histogram(x, 1024)
+    width = bruteforce.doubling_width(float(np.abs(x).max()), 1024)
+    reference, _ = np.histogram(np.abs(x.astype(np.float64)), bins=np.arange(2049) * width)
+    assert hist.width == width
+    assert 1024 < hist.used <= 2048  # [0, max |x|] spans between bins and 2 * bins bins
     assert hist.total == x.size
-    # float32 binning may move a value that sits on an edge into the neighbouring bin.
-    assert np.abs(hist.counts - reference).sum() <= 4
+    np.testing.assert_array_equal(hist.positive, reference)
 
 
-def test_counts_do_not_depend_on_chunking(monkeypatch: pytest.MonkeyPatch) -> None:
-    x = _samples("normal", 10007)
-    whole = _abs_histogram(x, 512)
+@pytest.mark.parametrize("signed", [False, True])
+def test_counts_do_not_depend_on_batching_or_order(
+    monkeypatch: pytest.MonkeyPatch, signed: bool
+) -> None:
+    """Batches in order of growing magnitude make the range double many times; the merged
+    counts equal counting everything at once, in any order, chunked or not."""
+    x = _samples("heavy", 30011) * np.float32(3.0)
+    x[::97] = np.float32(0.0)  # exact zeros, some batches of nothing else
+    whole = Histogram(256, signed=signed, track_max=True)
+    whole.add(np.concatenate([x, np.zeros(5, np.float32)]))
     monkeypatch.setattr(hist_module, "CHUNK_ELEMENTS", 1000)
-    pieces = Histogram(whole.low, whole.high, 512, absolute=True)
-    for part in np.array_split(x, 37):
-        pieces.add(part.reshape(-1, 1))
-    np.testing.assert_array_equal(pieces.counts, whole.counts)
+    order = np.argsort(np.abs(x), kind="stable")
+    for pieces in (np.array_split(x[order], 41), np.array_split(x[order[::-1]], 7)):
+        hist = Histogram(256, signed=signed, track_max=True)
+        for part in [np.zeros(5, np.float32), *pieces]:
+            hist.add(part.reshape(-1, 1))
+        np.testing.assert_array_equal(hist.positive, whole.positive)
+        if signed:
+            np.testing.assert_array_equal(hist.negative, whole.negative)
+        assert (hist.exponent, hist.low, hist.high) == (whole.exponent, whole.low, whole.high)
+        assert hist.top == whole.top
+    assert whole.total == x.size + 5
+
+
+def test_bin_then_count_is_add() -> None:
+    x = _samples("normal", 5000)
+    one, two = Histogram(512, signed=True), Histogram(512, signed=True)
+    one.add(x)
+    parts = [two.bin(part) for part in np.array_split(x, 3)]  # binned before any counting
+    for part in parts:
+        two.count(part)
+    np.testing.assert_array_equal(one.positive, two.positive)
+    np.testing.assert_array_equal(one.negative, two.negative)
 
 
 def test_signed_histogram_and_nonfinite_values() -> None:
     x = np.array([-2.0, -1.0, 0.0, 1.0, 3.0, np.nan, np.inf], dtype=np.float32)
-    hist = Histogram(-2.0, 3.0, 5, absolute=False)
+    hist = Histogram(4, signed=True)  # 8 bins; max |x| = 3 needs width 0.5
     hist.add(x)
     assert hist.nonfinite == 2
-    np.testing.assert_array_equal(hist.counts, [1, 1, 1, 1, 1])  # bins [-2,-1) .. [2,3]
-    assert hist.edge(2.5) == pytest.approx(0.5)
+    assert (hist.width, hist.used, hist.low, hist.high) == (0.5, 7, -2.0, 3.0)
+    positive, negative = hist.sides()
+    np.testing.assert_array_equal(positive, [1, 0, 1, 0, 0, 0, 1])  # 0, 1, 3
+    np.testing.assert_array_equal(negative, [0, 0, 1, 0, 1, 0, 0])  # 1, 2
+    counts, low = hist.signed_counts()
+    assert low == -3.5 and counts.size == 14 and counts.sum() == 5
+    np.testing.assert_array_equal(hist.magnitudes(), positive + negative)
+    with pytest.raises(ValueError, match="signed"):
+        Histogram(4).sides()
 
 
-def test_float64_and_float16_data() -> None:
+def test_values_at_the_largest_magnitude_are_kept_exactly() -> None:
+    x = np.minimum(np.abs(_samples("normal", 10000)) * 4, 6.0).astype(np.float32)  # ReLU6
+    hist = Histogram(1024, track_max=True)
+    for part in np.array_split(x, 9):
+        hist.add(part)
+    window = np.float32(6.0).view(np.int32) - hist_module.NEAR_MAX_STEPS
+    near = x[x >= np.int32(window).view(np.float32)]
+    positions = [position for position, _ in hist.top]
+    assert sum(count for _, count in hist.top) == near.size
+    assert positions == sorted(np.unique(near).astype(np.float64) / hist.width)
+    assert hist.top[-1] == (6.0 / hist.width, np.count_nonzero(x == 6.0))
+    assert hist.top[-1][0] == hist.used - 1 and hist.top[-1][1] > 100  # 6: a bin's left edge
+
+
+def test_values_just_below_the_largest_magnitude_are_kept_exactly() -> None:
+    """tanh on ONNX Runtime saturates at 1.0 and, now and then, one step above it: both
+    piles are kept, and the values just below, in batches whose own maxima differ."""
+    one_up = np.nextafter(np.float32(1), np.float32(2))
+    below = np.float32(1) - np.float32(2.0**-20)  # 16 float32 steps below 1
+    far = np.float32(1) - np.float32(2.0**-9)  # 2^15 steps below 1: out of the window
+    batches = [
+        np.array([0.5, 1.0, 1.0, below, far], np.float32),
+        np.array([-1.0, one_up, 0.25], np.float32),
+        np.array([0.9, 1.0, -below], np.float32),
+    ]
+    for order in (batches, batches[::-1]):
+        hist = Histogram(256, track_max=True)
+        for part in order:
+            hist.add(part)
+        values, counts = hist.near_max.values()
+        assert values.tolist() == [float(below), 1.0, float(one_up)]
+        assert counts.tolist() == [2, 4, 1]
+        assert [count for _, count in hist.top] == [2, 4, 1]
+
+
+def test_float64_float16_and_tiny_data() -> None:
     x = _samples("normal", 5000)
-    reference = _abs_histogram(x, 256).counts
+    reference = _abs_histogram(x, 256).positive
     for dtype in (np.float64, np.float16):
-        hist = Histogram(0.0, float(np.abs(x).max()), 256, absolute=True)
-        hist.add(x.astype(dtype))
+        hist = _abs_histogram(x.astype(dtype), 256)
         assert hist.total == x.size
-        assert np.abs(hist.counts - reference).sum() <= (4 if dtype == np.float64 else 2000)
+        assert np.abs(hist.positive - reference).sum() <= (0 if dtype == np.float64 else 2000)
+    tiny = _abs_histogram(x * np.float32(1e-37), 256)  # a scale past float32's exponents
+    assert tiny.total == x.size and 256 < tiny.used <= 512
 
 
-def test_degenerate_histogram_is_refused() -> None:
-    with pytest.raises(ValueError):
-        Histogram(1.0, 1.0, 16, absolute=False)
+def test_constant_and_empty_data() -> None:
+    zeros = _abs_histogram(np.zeros(10, np.float32), 128)
+    assert (zeros.total, zeros.used, zeros.width, zeros.low, zeros.high) == (10, 1, 0.0, 0, 0)
+    empty = _abs_histogram(np.full(3, np.nan, np.float32), 128)
+    assert (empty.total, empty.nonfinite, empty.low > empty.high) == (0, 3, True)
+    with pytest.raises(ValueError, match="power of two"):
+        Histogram(100)
 
 
 # ---------------------------------------------------------------------------- percentile
@@ -97,7 +172,7 @@ def _assert_percentile(values: np.ndarray, ours: float, fraction: float, width: 
 def test_percentile_matches_np_percentile(kind: str, percentile: float) -> None:
     x = _samples(kind)
     hist = _abs_histogram(x, 2048)
-    ours = percentile_value(hist, percentile / 100)
+    ours = percentile_value(hist.magnitudes(), percentile / 100, width=hist.width)
     _assert_percentile(np.abs(x), ours, percentile / 100, hist.width)
     if percentile <= 99.0:  # where samples are dense, np.percentile's interpolation agrees
         exact = float(np.percentile(np.abs(x.astype(np.float64)), percentile))
@@ -106,20 +181,24 @@ def test_percentile_matches_np_percentile(kind: str, percentile: float) -> None:
 
 def test_signed_percentiles_match_np_percentile() -> None:
     x = _samples("heavy") + 0.5
-    hist = Histogram(float(x.min()), float(x.max()), 2048, absolute=False)
+    hist = Histogram(2048, signed=True)
     hist.add(x)
+    counts, low = hist.signed_counts()
+
+    def ours(q: float) -> float:
+        return percentile_value(counts, q / 100, width=hist.width, low=low)
+
     for q in (0.005, 0.5, 50.0, 99.5, 99.995):
-        _assert_percentile(x, percentile_value(hist, q / 100), q / 100, hist.width)
+        _assert_percentile(x, ours(q), q / 100, hist.width)
     for q in (5.0, 50.0, 95.0):
-        exact = float(np.percentile(x.astype(np.float64), q))
-        assert abs(percentile_value(hist, q / 100) - exact) <= 2 * hist.width
+        assert abs(ours(q) - float(np.percentile(x.astype(np.float64), q))) <= 2 * hist.width
 
 
 def test_percentile_100_is_the_top_of_the_last_filled_bin() -> None:
-    hist = Histogram(0.0, 8.0, 8, absolute=True)
-    hist.add(np.array([0.5, 1.5, 2.5], dtype=np.float32))
-    assert percentile_value(hist, 1.0) == pytest.approx(3.0)
-    assert percentile_value(hist, 0.5) == pytest.approx(1.5)
+    counts = np.array([1, 1, 1, 0, 0, 0, 0, 0])
+    assert percentile_value(counts, 1.0, width=1.0) == pytest.approx(3.0)
+    assert percentile_value(counts, 0.5, width=1.0) == pytest.approx(1.5)
+    assert percentile_value(counts, 0.5, width=0.5, low=-2.0) == pytest.approx(-1.25)
 
 
 # ---------------------------------------------------------------------------- entropy
@@ -141,8 +220,8 @@ def test_entropy_clips_heavy_tails_and_keeps_light_ones() -> None:
     uniform = _abs_histogram(
         np.random.default_rng(3).uniform(-1, 1, 50000).astype(np.float32), 2048
     )
-    assert entropy_bins(heavy.counts) < 1024  # t(2.5) tails: clip well inside the max
-    assert entropy_bins(uniform.counts) > 1900  # nothing to gain from clipping
+    assert entropy_bins(heavy.magnitudes()) < 1024  # t(2.5) tails: clip well inside the max
+    assert entropy_bins(uniform.magnitudes()) > 1900  # nothing to gain from clipping
 
 
 def _hard_swish(x: np.ndarray) -> np.ndarray:
@@ -186,16 +265,17 @@ def test_entropy_sides_of_one_sign() -> None:
     x = _samples("relu", 20000)
     positive, negative, _ = bruteforce.signed_histograms(x, 512)
     assert entropy_sides(positive, negative) == (entropy_bins(positive), 0)
-    single = np.zeros(512)
+    n = positive.size
+    single = np.zeros(n)
     single[40] = 7
     assert entropy_sides(positive, single)[1] == 128  # flat KL: the least threshold
-    zeros = np.zeros(512)
+    zeros = np.zeros(n)
     zeros[0] = 1000  # exact zeros and tiny positives: nothing left after the zero-spike rule
-    assert entropy_sides(zeros, positive) == (128, entropy_sides(np.zeros(512), positive)[1])
+    assert entropy_sides(zeros, positive) == (128, entropy_sides(np.zeros(n), positive)[1])
     with pytest.raises(ValueError, match="differ in shape"):
         entropy_sides(positive, negative[:-1])
     with pytest.raises(ValueError, match="with counts"):
-        entropy_sides(np.zeros(512), np.zeros(512))
+        entropy_sides(np.zeros(n), np.zeros(n))
 
 
 def test_entropy_needs_enough_bins() -> None:
@@ -211,7 +291,7 @@ def test_mse_threshold_has_the_least_quantization_error(kind: str) -> None:
     x = _samples(kind, 20000)
     bins = 512
     hist = _abs_histogram(x, bins)
-    ours = hist.edge(mse_bins(hist.counts))
+    ours = mse_bins(hist.magnitudes()) * hist.width
     best_threshold, best_error = bruteforce.best_mse_threshold(x, bins)
     ours_error = bruteforce.quantization_mse(x, ours)
     assert ours_error <= best_error * 1.02
@@ -223,10 +303,51 @@ def test_mse_errors_follow_the_real_error_curve() -> None:
     x = np.random.default_rng(5).uniform(-4, 4, 200000).astype(np.float32)
     bins = 256
     hist = _abs_histogram(x, bins)
-    expected = mse_errors(hist.counts) * hist.width**2 / hist.total
+    expected = mse_errors(hist.magnitudes()) * hist.width**2 / hist.total
     for k in (8, 64, 128, 200, 256):
         real = bruteforce.quantization_mse(x, k * hist.width)
         assert expected[k - 1] == pytest.approx(real, rel=0.03)
+
+
+def _saturating(n: int, seed: int) -> np.ndarray:
+    """tanh of a wide Gaussian, as ONNX Runtime computes it: most of the mass piled up
+    within 0.1 % below 1.0, some at 1.0 itself and a few one float step above."""
+    y = np.tanh(np.random.default_rng(seed).normal(0.0, 4.0, n)).astype(np.float32)
+    y[::997] = np.nextafter(np.float32(1), np.float32(2))
+    return y
+
+
+def test_mse_errors_with_the_pile_near_the_maximum_follow_the_real_curve() -> None:
+    """Spread evenly over their bins, the piled-up values near 1.0 would price clipping at
+    1.0 wrong (the old threshold: one bin below); kept exactly, the expected error tracks
+    the real one at every threshold near the top."""
+    x = _saturating(100_000, 0)
+    hist = Histogram(512, track_max=True)
+    hist.add(x)
+    uniform = mse_errors(hist.magnitudes()) * hist.width**2 / hist.total
+    exact = mse_errors(hist.magnitudes(), top=hist.top) * hist.width**2 / hist.total
+    for k in range(hist.used - 3, hist.used + 1):
+        real = bruteforce.quantization_mse(x, k * hist.width)
+        assert exact[k - 1] == pytest.approx(real, rel=0.03), k
+    at_one = round(1.0 / hist.width)
+    real = bruteforce.quantization_mse(x, 1.0)
+    assert abs(uniform[at_one - 1] - real) > 5 * abs(exact[at_one - 1] - real)
+    best = mse_bins(hist.magnitudes(), top=hist.top)
+    assert best * hist.width == 1.0  # the saturation value itself
+
+
+@pytest.mark.parametrize("kind", ["normal", "heavy", "relu", "saturating"])
+@pytest.mark.parametrize("grid", ["int8", "fp8"])
+def test_coarse_then_fine_search_finds_the_least_error(kind: str, grid: str) -> None:
+    x = _saturating(20000, 1) if kind == "saturating" else _samples(kind, 20000)
+    hist = Histogram(2048, track_max=True)
+    hist.add(x)
+    errors = (hist_module.mse_errors_fp8 if grid == "fp8" else mse_errors)(
+        hist.magnitudes(), top=hist.top
+    )
+    found = mse_bins(hist.magnitudes(), top=hist.top, grid=grid)  # type: ignore[arg-type]
+    assert hist.used > 2 * hist_module.MSE_COARSE_CANDIDATES  # the coarse search ran
+    assert errors[found - 1] <= errors.min() * (1 + 1e-9)
 
 
 # ---------------------------------------------------------------------------- fp8 grid
@@ -252,7 +373,7 @@ def test_fp8_mse_errors_follow_the_real_error_curve() -> None:
 
     x = np.random.default_rng(0).standard_t(3, 100000).astype(np.float32)
     hist = _abs_histogram(x, 1024)
-    expected = hist_module.mse_errors_fp8(hist.counts) * hist.width**2 / hist.total
+    expected = hist_module.mse_errors_fp8(hist.magnitudes()) * hist.width**2 / hist.total
     for k in (30, 100, 400, 1024):
         scale = np.float32(k * hist.width / 448.0)
         q = np.clip(x / scale, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
@@ -269,10 +390,10 @@ def test_fp8_mse_threshold_is_the_fp8_optimum(kind: str) -> None:
 
     x = _samples(kind, 20000)
     hist = _abs_histogram(x, 512)
-    fp8 = mse_bins(hist.counts, grid="fp8", top_position=None)
+    fp8 = mse_bins(hist.magnitudes(), grid="fp8", top=())
     if kind == "heavy":
-        assert fp8 > mse_bins(hist.counts)
-        assert entropy_bins(hist.counts, grid="fp8") > entropy_bins(hist.counts)
+        assert fp8 > mse_bins(hist.magnitudes())
+        assert entropy_bins(hist.magnitudes(), grid="fp8") > entropy_bins(hist.magnitudes())
 
     def real(k: int) -> float:
         scale = np.float32(k * hist.width / 448.0)
