@@ -271,17 +271,17 @@ class NearMax:
     """Exact counts of the magnitudes at most NEAR_MAX_STEPS float steps below the largest.
 
     Steps are float32's (float64's for float64 data): counts[i] is how many magnitudes have
-    the bit pattern `anchor - i`, `anchor` being the largest magnitude's. A larger maximum
-    moves the anchor up and drops what falls out of its window. That is exact whatever the
-    order: a value within the window of the overall largest magnitude is within the
-    window of every batch's (or chunk's) largest, which is no larger, so every one of them
-    counted all of its copies.
+    the bit pattern `anchor - i`, `anchor` being the largest magnitude's (counts holds only
+    as many entries as it needs). A larger maximum moves the anchor up and drops what falls
+    out of its window. That is exact whatever the order: a value within the window of the
+    overall largest magnitude is within the window of every batch's (or chunk's) largest,
+    which is no larger, so every one of them counted all of its copies.
     """
 
     def __init__(self, kind: type) -> None:
         self.kind = kind
         self.anchor: int | None = None
-        self.counts = np.zeros(NEAR_MAX_STEPS + 1, dtype=np.int64)
+        self.counts = np.zeros(0, dtype=np.int64)
 
     @property
     def _ints(self) -> type:
@@ -290,32 +290,36 @@ class NearMax:
     def add(self, magnitudes: np.ndarray, amax: float) -> None:
         """Count the `magnitudes` (of this kind) in the window; `amax` is their largest."""
         bits = int(np.array(amax, dtype=self.kind).view(self._ints))
-        if self.anchor is not None and bits < self.anchor - NEAR_MAX_STEPS:
+        anchor = self._raise(bits)
+        if bits < anchor - NEAR_MAX_STEPS:
             return  # all of them below the window
-        self._raise(bits)
-        assert self.anchor is not None
-        cut = np.array(max(self.anchor - NEAR_MAX_STEPS, 0), dtype=self._ints).view(self.kind)
+        cut = np.array(max(anchor - NEAR_MAX_STEPS, 0), dtype=self._ints).view(self.kind)
         near = magnitudes[magnitudes >= cut]
         if near.size:
-            found = np.bincount(self.anchor - near.view(self._ints))
-            self.counts[: found.size] += found
+            self._accumulate(np.bincount(anchor - near.view(self._ints)), 0)
 
     def merge(self, other: NearMax) -> None:
-        if other.anchor is None:
-            return
-        self._raise(other.anchor)
-        assert self.anchor is not None
-        shift = self.anchor - other.anchor
-        if shift < self.counts.size:
-            self.counts[shift:] += other.counts[: self.counts.size - shift]
+        if other.anchor is not None:
+            self._accumulate(other.counts, self._raise(other.anchor) - other.anchor)
 
-    def _raise(self, bits: int) -> None:
-        if self.anchor is None or bits > self.anchor:
-            shift = bits - (bits if self.anchor is None else self.anchor)
-            moved = np.zeros_like(self.counts)
-            if shift < moved.size:
-                moved[shift:] = self.counts[: moved.size - shift]
-            self.counts, self.anchor = moved, bits
+    def _raise(self, bits: int) -> int:
+        """Move the anchor up to `bits` if that is larger; the anchor."""
+        if self.anchor is None:
+            self.anchor = bits
+        elif bits > self.anchor:
+            old, self.counts = self.counts, np.zeros(0, dtype=np.int64)
+            shift, self.anchor = bits - self.anchor, bits
+            self._accumulate(old, shift)
+        return self.anchor
+
+    def _accumulate(self, found: np.ndarray, offset: int) -> None:
+        """counts[offset + i] += found[i], within the window."""
+        end = min(offset + found.size, NEAR_MAX_STEPS + 1)
+        if end <= offset:
+            return
+        if self.counts.size < end:
+            self.counts = np.concatenate((self.counts, np.zeros(end - self.counts.size, np.int64)))
+        self.counts[offset:end] += found[: end - offset]
 
     def values(self) -> tuple[np.ndarray, np.ndarray]:
         """(the magnitudes that occur, ascending, as float64; their counts)."""

@@ -235,8 +235,8 @@ def test_ranges_do_not_depend_on_the_batch_size(conv_case, method: str) -> None:
 
 
 def test_small_batch_budget_captures_in_groups(conv_case, monkeypatch) -> None:
-    """With room for less than one sample's activations, pass two captures the tensors in
-    groups (one run each), and the ranges stay the same."""
+    """With room for less than one sample's activations, the histogram pass captures the
+    tensors in groups (one run each), and the ranges stay the same."""
     model, data, _ = conv_case
     sessions = []
     original = runtime.create_session
