@@ -143,6 +143,10 @@ def _conv_dw(
         xt = em.op("Pad", [xt, em.ints([0, 0, *geo.pads_begin, 0, 0, *geo.pads_end])])
     axes = em.ints(range(2, 2 + r))
     steps = em.ints(geo.strides)
+    padded = [
+        size + begin + end
+        for size, begin, end in zip(geo.spatial_in, geo.pads_begin, geo.pads_end, strict=True)
+    ]
     cols = []
     for tap in itertools.product(*(range(k) for k in geo.kernel)):
         starts = [t * d for t, d in zip(tap, geo.dilations, strict=True)]
@@ -150,6 +154,9 @@ def _conv_dw(
             b + (o - 1) * s + 1
             for b, o, s in zip(starts, geo.spatial_out, geo.strides, strict=True)
         ]
+        if not any(starts) and ends == padded and all(s == 1 for s in geo.strides):
+            cols.append(xt)  # the whole input (a 1x1 kernel at stride 1): no copy
+            continue
         piece = em.op("Slice", [xt, em.ints(starts), em.ints(ends), axes, steps])  # (C,N,*O)
         cols.append(piece)
     taps = len(cols)
