@@ -356,7 +356,8 @@ class _Run:
     def _capture_threads(self) -> int | None:
         """ONNX Runtime's threads while the histograms count in the caller's thread: one
         core fewer than asked for (or than this process may use), so that the two do not
-        contend (measured on 2 cores: 2 ORT threads made the pass 15 % slower than 1)."""
+        contend (on 2 cores, PP-OCRv4's mse pass took 19.7 s with 2 ORT threads, 14.6 s
+        with 1)."""
         if runtime.resolve_providers(self.device)[0] != runtime.CPU:
             return self.threads
         cores = self.threads or (
