@@ -77,7 +77,8 @@ class Binned:
 
     Attributes:
         parts: per chunk of values that holds a non-zero one, (exponent, indices): the
-            chunk's bins are 2^exponent wide (the least that holds its largest magnitude),
+            chunk's bins are 2^exponent wide (wide enough for its largest magnitude, and no
+            narrower than the batch's chunks before it),
             indices the bin of each of its finite values (uint16 or int32; with a signed
             histogram, the bins of negative values are offset by the histogram's size).
         zeros: finite values in chunks that held nothing else.
