@@ -106,8 +106,8 @@ def calibrate(
         cache: serve ranges computed before for the same model, data and options from
             here, and store new ones.
         max_batch_bytes: the most bytes of one batch of captured tensors (peak memory is
-            about twice that: the batch ONNX Runtime makes and bins while the one before is
-            counted, as 2-byte bin indices; plus what the model itself needs for a batch).
+            about twice that: the batch ONNX Runtime makes in the worker thread while the
+            one before is counted; plus what the model itself needs for a batch).
         nonfinite: what to do with a tensor that holds inf or NaN on this data: "raise"
             a CalibrationError naming it, or "skip" it (left out of the result, with a
             warning).
@@ -463,24 +463,16 @@ def _histogram_range(
         return TensorRange(target.name, np.array(low), np.array(high), None, method, samples)
     if method == "entropy":
         above, below = _entropy_thresholds(hist, settings.precision)  # type: ignore[arg-type]
-        if settings.symmetric:
-            threshold = min(max(above, below), amax)
-            return symmetric_range(
-                target.name, threshold, axis=None, method=method, samples=samples
-            )
-        low = max(hist.low, -below)
-        high = min(hist.high, above)
-        return TensorRange(target.name, np.array(low), np.array(high), None, method, samples)
-    if method == "percentile":
-        threshold = percentile_value(
-            hist.magnitudes(), settings.percentile / 100.0, width=hist.width
-        )
+    elif method == "percentile":
+        fraction = settings.percentile / 100.0
+        above = below = percentile_value(hist.magnitudes(), fraction, width=hist.width)
     else:
         found = mse_bins(hist.magnitudes(), top=hist.top, grid=settings.precision)  # type: ignore[arg-type]
-        threshold = found * hist.width
-    threshold = min(threshold, amax)  # the last bin reaches past the largest value
+        above = below = found * hist.width
+    # The last bin reaches past the largest value: clamp to the observed range.
     if settings.symmetric:
+        threshold = min(max(above, below), amax)
         return symmetric_range(target.name, threshold, axis=None, method=method, samples=samples)
-    low = max(hist.low, -threshold)
-    high = min(hist.high, threshold)
+    low = max(hist.low, -below)
+    high = min(hist.high, above)
     return TensorRange(target.name, np.array(low), np.array(high), None, method, samples)

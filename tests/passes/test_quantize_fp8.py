@@ -187,13 +187,7 @@ def _long_tailed_mlp(dim: int = 64) -> onnx.ModelProto:
         helper.make_node("Mul", ["h2", "h"], ["cube"], name="cube"),
         helper.make_node("MatMul", ["cube", "w2"], ["y"], name="fc2"),
     ]
-    vi = helper.make_tensor_value_info
-    return models.make_model(
-        nodes,
-        [vi("x", TensorProto.FLOAT, ["N", dim])],
-        [vi("y", TensorProto.FLOAT, ["N", dim])],
-        weights,
-    )
+    return _vector_model(nodes, weights, dim)
 
 
 def _outlier_channel_mlp(dim: int = 64, decades: float = 2.0) -> onnx.ModelProto:
@@ -209,12 +203,20 @@ def _outlier_channel_mlp(dim: int = 64, decades: float = 2.0) -> onnx.ModelProto
         helper.make_node("Relu", ["h"], ["a"], name="relu"),
         helper.make_node("MatMul", ["a", "w2"], ["y"], name="fc2"),
     ]
+    weights = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")]
+    return _vector_model(nodes, weights, dim)
+
+
+def _vector_model(
+    nodes: list[onnx.NodeProto], weights: list[onnx.TensorProto], dim: int
+) -> onnx.ModelProto:
+    """The nodes as a model from x[N, dim] to y[N, dim]."""
     vi = helper.make_tensor_value_info
     return models.make_model(
         nodes,
         [vi("x", TensorProto.FLOAT, ["N", dim])],
         [vi("y", TensorProto.FLOAT, ["N", dim])],
-        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+        weights,
     )
 
 
