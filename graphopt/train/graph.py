@@ -40,6 +40,11 @@ class Emitter:
         shapes: known shapes by value name (forward values, then emitted ones).
         types: element types by value name.
         consts: values of constant tensors (non-trainable initializers, Constant nodes).
+        channel_scaled: gradients that are another gradient times a factor per channel
+            (axis 1), by name: (the unscaled gradient, the (C,) factor). A rule linear in
+            its output's gradient per channel (Conv) can read the unscaled one and scale
+            its own small results instead; the scaling Mul is then unused, and the builder
+            drops unused nodes.
     """
 
     def __init__(
@@ -64,6 +69,7 @@ class Emitter:
         self._count = 0
         self._const_cache: dict[tuple[Any, ...], str] = {}
         self.node: onnx.NodeProto | None = None  # the forward node a rule is working on
+        self.channel_scaled: dict[str, tuple[str, str]] = {}
 
     # ------------------------------------------------------------------ names and nodes
 

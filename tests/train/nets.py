@@ -114,6 +114,21 @@ def mobilenet_like(dtype: type = np.float64, batch: int | str = 2, seed: int = 1
     return n.model({"x": [batch, 3, 12, 12]}, ["logits"])
 
 
+def conv_bias_bn(dtype: type = np.float64, batch: int | str = 2, seed: int = 2) -> Model:
+    """Convs with a bias before a BatchNormalization (a dense 3x3, a strided depthwise 3x3, a
+    1x1), the first one's output also read by a residual Add, global average pool, Gemm."""
+    n = Net(seed, dtype)
+    a = n.bn(n.conv("x", 3, 8, bias=True), 8)
+    x = n.op("Relu", [a])
+    x = n.op("Relu", [n.bn(n.conv(x, 8, 8, group=8, stride=2, bias=True), 8)])
+    x = n.bn(n.conv(x, 8, 8, k=1, bias=True), 8)
+    x = n.op("Add", [x, n.op("MaxPool", [a], kernel_shape=[2, 2], strides=[2, 2])])
+    x = n.op("Flatten", [n.op("GlobalAveragePool", [x])], axis=1)
+    n.op("Gemm", [x, n.weight([4, 8]), n.const(np.zeros(4), "fc_b")], transB=1)
+    n.nodes[-1].output[0] = "logits"
+    return n.model({"x": [batch, 3, 12, 12]}, ["logits"])
+
+
 def mlp(dtype: type = np.float32, seed: int = 0, hidden: int = 16, classes: int = 3) -> Model:
     """Gemm + Relu + Gemm on 4 features (weights w1, b1, w2, b2), batch dynamic."""
     n = Net(seed, dtype)

@@ -17,7 +17,7 @@ from tests.train.gradcheck import (
     op_model,
     ort_gradients,
 )
-from tests.train.nets import mobilenet_like, resnet_like
+from tests.train.nets import conv_bias_bn, mobilenet_like, resnet_like
 
 LOSSES = [
     Loss.cross_entropy("logits", weight=0.5),
@@ -35,7 +35,8 @@ def _feeds(classes: int, batch: int = 2, seed: int = 3) -> dict[str, np.ndarray]
 
 
 @pytest.mark.parametrize(
-    ("build", "classes", "count"), [(resnet_like, 10, 20), (mobilenet_like, 5, 21)]
+    ("build", "classes", "count"),
+    [(resnet_like, 10, 20), (mobilenet_like, 5, 21), (conv_bias_bn, 4, 14)],
 )
 def test_whole_model_gradients(build, classes, count):
     model = build(np.float64)

@@ -36,6 +36,12 @@ def rand(*shape: int, low: float | None = None) -> np.ndarray:
     return R.standard_normal(shape)
 
 
+def own(seed: int, *shape: int) -> np.ndarray:
+    """Normal values from a generator of their own, so that a case added to CASES leaves
+    the values every later case draws from R unchanged."""
+    return np.random.default_rng(seed).standard_normal(shape)
+
+
 def ints(*values: int) -> np.ndarray:
     return np.array(values, dtype=np.int64)
 
@@ -73,6 +79,20 @@ CASES = [
          {"pads": [1, 0, 1, 2], "dilations": [2, 1], "strides": [2, 3]},
          lambda T, F, v: F.conv2d(pad2d(F, v["x"], (1, 0, 1, 2)), v["w"], stride=(2, 3),
                                   dilation=(2, 1))),
+    # stride phases (SpaceToDepth) with a dilation that lands taps in several phases, and
+    # an input that does not divide by the stride
+    Case("conv-stride3-dilation", "Conv", {"x": own(1, 2, 3, 11, 10), "w": own(2, 4, 3, 3, 2)},
+         {"pads": [2, 1, 0, 2], "dilations": [2, 2], "strides": [3, 3]},
+         lambda T, F, v: F.conv2d(pad2d(F, v["x"], (2, 1, 0, 2)), v["w"], stride=3,
+                                  dilation=2)),
+    Case("conv-depthwise-s2", "Conv", {"x": own(3, 2, 4, 7, 8), "w": own(4, 4, 1, 3, 3)},
+         {"pads": [1, 1, 1, 1], "group": 4, "strides": [2, 2]},
+         lambda T, F, v: F.conv2d(v["x"], v["w"], stride=2, padding=1, groups=4)),
+    Case("conv-depthwise-s2-dilation-unused-edge", "Conv",  # the last input row is unused
+         {"x": own(5, 2, 3, 10, 9), "w": own(6, 3, 1, 3, 3), "b": own(7, 3)},
+         {"strides": [2, 2], "dilations": [1, 2], "group": 3},
+         lambda T, F, v: F.conv2d(v["x"], v["w"], v["b"], stride=2, dilation=(1, 2),
+                                  groups=3)),
     Case("conv-groups", "Conv", {"x": rand(2, 4, 5, 5), "w": rand(6, 2, 3, 3), "b": rand(6)},
          {"pads": [1, 1, 1, 1], "strides": [2, 2], "group": 2},
          lambda T, F, v: F.conv2d(v["x"], v["w"], v["b"], stride=2, padding=1, groups=2)),

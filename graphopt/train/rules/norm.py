@@ -33,10 +33,15 @@ def _batch_norm(em: Emitter, node: onnx.NodeProto, dys: Grads, needed: list[bool
     )
     out: Grads = [None] * len(node.input)
     if needed[0]:
-        out[0] = em.op("Mul", [dy, per_channel(em.op("Mul", [scale, inv_std]))])
+        factor = em.op("Mul", [scale, inv_std])
+        out[0] = em.op("Mul", [dy, per_channel(factor)])
+        if rank >= 2:  # a Conv before it can take dy and the factor (graph.Emitter)
+            em.channel_scaled[out[0]] = (dy, factor)
     if needed[1]:
-        xhat = em.op("Mul", [em.op("Sub", [x, per_channel(mean)]), per_channel(inv_std)])
-        out[1] = em.reduce("ReduceSum", em.op("Mul", [dy, xhat]), reduce_axes, keepdims=False)
+        # sum(dy * (x - mean) * inv_std) with inv_std applied to the (C,) sum
+        centered = em.op("Sub", [x, per_channel(mean)])
+        summed = em.reduce("ReduceSum", em.op("Mul", [dy, centered]), reduce_axes, keepdims=False)
+        out[1] = em.op("Mul", [summed, inv_std])
     if needed[2]:
         out[2] = em.reduce("ReduceSum", dy, reduce_axes, keepdims=False)
     return out
