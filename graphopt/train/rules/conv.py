@@ -215,6 +215,8 @@ def _sliced_taps(em: Emitter, xt: str, geo: _Geometry) -> list[str]:
     """The (C, N, *O) window of the (C, N, *S) input that each kernel tap multiplies: a
     Slice of the padded input per tap, with the conv's stride as its step."""
     r = len(geo.kernel)
+    unit = all(s == 1 for s in geo.strides)
+    source = xt
     if any(geo.pads):
         xt = em.op("Pad", [xt, em.ints([0, 0, *geo.pads_begin, 0, 0, *geo.pads_end])])
     axes = em.ints(range(2, 2 + r))
@@ -230,8 +232,13 @@ def _sliced_taps(em: Emitter, xt: str, geo: _Geometry) -> list[str]:
             b + (o - 1) * s + 1
             for b, o, s in zip(starts, geo.spatial_out, geo.strides, strict=True)
         ]
-        if not any(starts) and ends == padded and all(s == 1 for s in geo.strides):
-            cols.append(xt)  # the whole input (a 1x1 kernel at stride 1): no copy
+        if unit and starts == list(geo.pads_begin) and geo.spatial_out == geo.spatial_in:
+            # the unpadded input itself (the centre tap of a "same" conv, or a 1x1 kernel
+            # without padding): no copy
+            cols.append(source)
+            continue
+        if unit and not any(starts) and geo.spatial_out == tuple(padded):
+            cols.append(xt)  # the whole padded input
             continue
         cols.append(em.op("Slice", [xt, em.ints(starts), em.ints(ends), axes, steps]))
     return cols
