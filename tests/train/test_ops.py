@@ -106,6 +106,9 @@ CASES = [
          lambda T, F, v: F.conv2d(v["x"], v["w"])),
     Case("conv-1x1-padded", "Conv", {"x": own(8, 2, 3, 4, 5), "w": own(9, 5, 3, 1, 1)},
          {"pads": [1, 0, 1, 2]}, lambda T, F, v: F.conv2d(pad2d(F, v["x"], (1, 0, 1, 2)), v["w"])),
+    Case("conv-large-map", "Conv",  # >= 1,024 output positions: dW per image
+         {"x": own(10, 2, 2, 32, 33), "w": own(11, 3, 2, 3, 3), "b": own(12, 3)},
+         {"pads": [1, 1, 1, 1]}, lambda T, F, v: F.conv2d(v["x"], v["w"], v["b"], padding=1)),
     Case("conv-1d", "Conv", {"x": rand(2, 3, 9), "w": rand(4, 3, 3), "b": rand(4)},
          {"pads": [1, 1], "strides": [2]},
          lambda T, F, v: F.conv1d(v["x"], v["w"], v["b"], stride=2, padding=1)),
