@@ -2,11 +2,12 @@
 
 The same two nets, built in PyTorch and exported to ONNX (frozen BatchNorm, cross-entropy,
 batch 32, 3x32x32, SGD with momentum), step on both sides with the same number of threads
-(intra-op; 2 by default). For each net: a gradient check against torch autograd, then
-`--reps` repetitions of `--steps` steps on each side, interleaved (graphopt, torch, graphopt,
-...) so a busy machine slows both alike; the medians of the per-repetition ms/step are
-compared. A breakdown of graphopt's step (the forward graph alone, forward + backward with a
-numpy optimizer, the whole step with the in-graph optimizer) says where the time goes.
+(intra-op; 2 by default). The nets' initial weights are seeded. For each net: a gradient
+check against torch autograd, then `--reps` repetitions of `--steps` steps on each side,
+interleaved (graphopt, torch, graphopt, ...) so a busy machine slows both alike, each block
+after one untimed step; the medians of the per-repetition ms/step are compared. Then a
+breakdown of graphopt's step, interleaved the same way on its own (the forward graph alone;
+forward + backward with a numpy optimizer), says where the time goes.
 
 Prints a table and writes JSON (default .cache/bench_train_step/report.json). Needs torch
 (test/bench-only); not run by CI; timings need quiet cores.
@@ -150,10 +151,16 @@ def bench(net: nn.Module, *, threads: int, reps: int, steps: int, batch: int = 3
     ref_loss = nn.functional.cross_entropy(net(x), labels)
     ref_loss.backward()
     named = dict(net.named_parameters())
+    # Worst max-abs difference relative to the max (per trainable): one activation that
+    # rounds to the other side of a ReLU's zero in float32 moves it to ~1e-3. The relative
+    # L2 difference over all trainables is the robust one.
     worst = max(
         float(np.abs(grads[k] - p.grad.numpy()).max() / (np.abs(p.grad.numpy()).max() + 1e-12))
         for k, p in named.items()
     )
+    diff2 = sum(float(((grads[k] - p.grad.numpy()) ** 2).sum()) for k, p in named.items())
+    norm2 = sum(float((p.grad.numpy() ** 2).sum()) for p in named.values())
+    l2 = (diff2 / norm2) ** 0.5
 
     trainer = Trainer(model, loss, SGD(lr=1e-4, momentum=0.9), threads=threads)
     numpy_trainer = Trainer(
@@ -167,19 +174,26 @@ def bench(net: nn.Module, *, threads: int, reps: int, steps: int, batch: int = 3
         nn.functional.cross_entropy(net(x), labels).backward()
         opt.step()
 
-    runs: dict[str, tuple[Any, list[float]]] = {
-        "graphopt": (lambda: trainer.step(feeds), []),
-        "torch": (torch_step, []),
-        "graphopt_numpy_optimizer": (lambda: numpy_trainer.step(feeds), []),
-        "ort_forward_only": (lambda: forward.run({"x": feeds["x"]}), []),
-    }
-    for fn, _ in runs.values():  # warm-up
-        for _ in range(3):
-            fn()
-    for _ in range(reps):
-        for fn, times in runs.values():
-            times.append(_per_step(fn, steps))
-    ms = {k: statistics.median(t) for k, (_, t) in runs.items()}
+    # The headline pair, interleaved; then the breakdown pair, so that neither breakdown
+    # session runs between a graphopt block and a torch block. Each block starts with one
+    # untimed step, which absorbs the switch from the other runtime's threads.
+    pairs = [
+        {"graphopt": lambda: trainer.step(feeds), "torch": torch_step},
+        {
+            "graphopt_numpy_optimizer": lambda: numpy_trainer.step(feeds),
+            "ort_forward_only": lambda: forward.run({"x": feeds["x"]}),
+        },
+    ]
+    times: dict[str, list[float]] = {}
+    for pair in pairs:
+        for fn in pair.values():  # warm-up
+            for _ in range(3):
+                fn()
+        for _ in range(reps):
+            for name, fn in pair.items():
+                fn()
+                times.setdefault(name, []).append(_per_step(fn, steps))
+    ms = {k: statistics.median(t) for k, t in times.items()}
     return {
         "net": type(net).__name__,
         "parameters": int(sum(p.numel() for p in net.parameters())),
@@ -188,8 +202,9 @@ def bench(net: nn.Module, *, threads: int, reps: int, steps: int, batch: int = 3
         "loss_ort": ort_loss,
         "loss_torch": ref_loss.item(),
         "worst_max_rel_grad_diff": worst,
+        "rel_l2_grad_diff": l2,
         "ms_per_step": ms,
-        "all_ms_per_step": {k: t for k, (_, t) in runs.items()},
+        "all_ms_per_step": times,
         "ratio": ms["graphopt"] / ms["torch"],
     }
 
@@ -202,19 +217,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    results = [
-        bench(net, threads=args.threads, reps=args.reps, steps=args.steps)
-        for net in (ResNet(), MBNet())
-    ]
+    results = []
+    for make in (ResNet, MBNet):
+        torch.manual_seed(0)  # the same initial weights every run
+        results.append(bench(make(), threads=args.threads, reps=args.reps, steps=args.steps))
     print(f"batch 32, 3x32x32, SGD momentum, {args.threads} threads, median of {args.reps} x "
           f"{args.steps} steps")  # fmt: skip
     print(f"{'net':<8} {'graphopt ms':>12} {'torch ms':>9} {'ratio':>6} | {'numpy-opt ms':>12} "
-          f"{'fwd-only ms':>11} {'grad diff':>9}")  # fmt: skip
+          f"{'fwd-only ms':>11} {'grad diff max / L2':>18}")  # fmt: skip
     for r in results:
         ms = r["ms_per_step"]
         print(f"{r['net']:<8} {ms['graphopt']:>12.1f} {ms['torch']:>9.1f} {r['ratio']:>6.2f} | "
               f"{ms['graphopt_numpy_optimizer']:>12.1f} {ms['ort_forward_only']:>11.1f} "
-              f"{r['worst_max_rel_grad_diff']:>9.1e}")  # fmt: skip
+              f"{r['worst_max_rel_grad_diff']:>10.1e} / {r['rel_l2_grad_diff']:.1e}")  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
         "threads": args.threads,
