@@ -474,8 +474,10 @@ def _choose_trainables(
     if not names:
         raise GraphoptError(
             "The model has no float initializers to train.",
-            hint="Weights held as Constant nodes cannot be trained; integer weights behind "
-            "a DequantizeLinear are trained unless qat=False.",
+            hint="Weights held as Constant nodes (as in Paddle's exports) cannot be trained: "
+            "the cleanup pass turns them into initializers (graphopt optimize MODEL --pass "
+            "cleanup --pass distill ...). Integer weights behind a DequantizeLinear are "
+            "trained unless qat=False.",
         )
     return names
 

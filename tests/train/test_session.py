@@ -301,3 +301,23 @@ def test_identity_sharing_is_kept_when_asked():
     trainer = Trainer(model, [Loss.cross_entropy("logits")], SGD(), trainables=["0.weight"])
     trained = trainer.trained_model()
     assert [n.op_type for n in trained.graph] == [n.op_type for n in model.graph]
+
+
+def test_weights_held_as_constant_nodes_point_to_cleanup():
+    # Paddle's exports hold every weight in a Constant node: nothing to train, and the
+    # error says which pass turns them into initializers.
+    weight = onnx.numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["w"], value=weight),
+            helper.make_node("MatMul", ["x", "w"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3])],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    proto.ir_version = 9
+    with pytest.raises(GraphoptError, match="no float initializers") as caught:
+        build_training_graph(model_from_proto(proto), [Loss.mse("y")])
+    assert "--pass cleanup --pass distill" in (caught.value.hint or "")
