@@ -109,6 +109,12 @@ CASES = [
     Case("conv-large-map", "Conv",  # >= 1,024 output positions: dW per image
          {"x": own(10, 2, 2, 32, 33), "w": own(11, 3, 2, 3, 3), "b": own(12, 3)},
          {"pads": [1, 1, 1, 1]}, lambda T, F, v: F.conv2d(v["x"], v["w"], v["b"], padding=1)),
+    Case("conv-strided-per-image", "Conv",  # im2col, then a MatMul per image (>= 256)
+         {"x": own(13, 2, 3, 33, 34), "w": own(14, 4, 3, 3, 3)},
+         {"pads": [1, 1, 1, 1], "strides": [2, 2]},
+         lambda T, F, v: F.conv2d(v["x"], v["w"], stride=2, padding=1)),
+    Case("conv-1x1-groups", "Conv", {"x": own(15, 2, 4, 3, 5), "w": own(16, 6, 2, 1, 1)},
+         {"group": 2}, lambda T, F, v: F.conv2d(v["x"], v["w"], groups=2)),
     Case("conv-1d", "Conv", {"x": rand(2, 3, 9), "w": rand(4, 3, 3), "b": rand(4)},
          {"pads": [1, 1], "strides": [2]},
          lambda T, F, v: F.conv1d(v["x"], v["w"], v["b"], stride=2, padding=1)),

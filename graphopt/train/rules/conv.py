@@ -1,14 +1,13 @@
 """Conv and the pools.
 
 Conv: dX as a Conv with flipped, group-transposed weights at stride 1 (ORT's fast forward
-kernels) and as a ConvTranspose with explicit output_padding otherwise. dW as im2col per
-kernel tap: the window of the input each tap multiplies (a Slice per tap; at a 2-D stride,
-a unit-step Slice of one stride phase after a SpaceToDepth), then a Gemm per tap (ordinary
-Conv), the small products concatenated, or a batched MatMul over the concatenated taps
-(other groups); the issue's spike measured this ~4.6x faster in ORT than a swapped-role
-Conv. Depthwise dW is the exception: there the swapped-role grouped Conv wins. dB as a
-ReduceSum. A per-channel factor on dY (a frozen BatchNormalization after the conv) is
-applied to the weight and to the small results instead of to dY.
+kernels) and as a ConvTranspose with explicit output_padding otherwise. dW as im2col: the
+window of the input each kernel tap multiplies (a Slice per tap, or all taps at once from
+one Conv with one-hot constant kernels), multiplied by dY in a Gemm over the batch or a
+batched MatMul per image; the issue's spike measured im2col ~4.6x faster in ORT than a
+swapped-role Conv. Depthwise dW is the exception: there the swapped-role grouped Conv wins.
+dB as a ReduceSum. A per-channel factor on dY (a frozen BatchNormalization after the conv)
+is applied to the weight and to the small results instead of to dY.
 """
 
 from __future__ import annotations
@@ -27,6 +26,10 @@ Grads = list[str | None]
 # From this many output positions per image, an ungrouped stride-1 conv's dW is a batched
 # MatMul per image (_per_image_dw) rather than one Gemm over the whole batch.
 PER_IMAGE_DW_MIN_POSITIONS = 1024
+# From this many output positions per image, a strided conv's dW (after _im2col) is a
+# batched MatMul per image rather than one Gemm over the whole batch (measured on ResNet's
+# stride-2 convs: 32x32 -> 16x16 wins per image, 16x16 -> 8x8 with one Gemm).
+PER_IMAGE_MATMUL_MIN_POSITIONS = 256
 INT64_MIN = int(np.iinfo(np.int64).min)
 
 
@@ -150,49 +153,65 @@ def _conv_dx(
 def _conv_dw(
     em: Emitter, x: str, dy: str, w_shape: tuple[int, ...], group: int, geo: _Geometry
 ) -> str:
-    """im2col per kernel tap: dW[m, c, t] = sum over (n, o) of dY[n, m, o] * X[n, c, o*s + t*d]."""
+    """dW[m, c, t] = sum over (n, o) of dY[n, m, o] * X[n, c, o*s + t*d], t a kernel tap.
+
+    The windows of X that the taps multiply: at stride 1, a Slice of the padded input per
+    tap (the centre tap of a "same" conv is X itself); at a larger stride, all at once
+    from one Conv with one-hot kernels (_im2col), where a Slice with a step copies element
+    by element. On ResNet's 16x16 and 8x8 stride-1 convs the one-hot Conv plus ORT's
+    reorder of its output cost more than the slices. The products sum over the batch in
+    one Gemm in channels-first layout (a Gemm per tap for slices), or per image with a
+    batched MatMul in the tensors' own layout, which skips transposing X and dY and pays
+    on large feature maps."""
     r = len(geo.kernel)
     m, cg = w_shape[0], w_shape[1]
     if cg == 1 and m == group:
         return _depthwise_dw(em, x, dy, w_shape, geo)
     c = cg * group
-    channels_first = [1, 0, *range(2, 2 + r)]
     taps = int(np.prod(geo.kernel))
-    stride = geo.strides[0]
-    unit = all(s == 1 for s in geo.strides)
-    if group == 1 and unit and np.prod(geo.spatial_out) >= PER_IMAGE_DW_MIN_POSITIONS:
-        return _per_image_dw(em, x, dy, w_shape, geo)
-    if r == 2 and taps > 1 and stride > 1 and geo.strides[1] == stride:
-        cols = _phase_taps(em, x, c, geo)  # (C, N, *O) each
-    else:
+    positions = int(np.prod(geo.spatial_out))
+    channels_first = [1, 0, *range(2, 2 + r)]
+    if all(s == 1 for s in geo.strides):
+        if group == 1 and positions >= PER_IMAGE_DW_MIN_POSITIONS:
+            return _per_image_dw(em, x, dy, w_shape, geo)
         cols = _sliced_taps(em, em.op("Transpose", [x], perm=channels_first), geo)
-    dyt = em.op("Transpose", [dy], perm=channels_first)  # (M, N, *O)
-    if group == 1:
-        # One Gemm per tap, concatenated at the end: concatenating the taps' columns first
-        # writes a (C, T, N, *O) copy of the input, which costs ORT more than the Gemm
-        # itself (a tenth of a ResNet step).
-        a = em.op("Reshape", [dyt, em.ints([m, -1])])
-        per_tap = [
-            em.op("Gemm", [a, em.op("Reshape", [col, em.ints([c, -1])])], transB=1) for col in cols
-        ]  # (M, C) each
-        per_tap = [em.op("Reshape", [t, em.ints([m, cg, 1])]) for t in per_tap]
-        dw = per_tap[0] if taps == 1 else em.op("Concat", per_tap, axis=2)  # (M, Cg, T)
-    else:
+        dyt = em.op("Transpose", [dy], perm=channels_first)  # (M, N, *O)
+        if group == 1:
+            # One Gemm per tap, concatenated at the end: concatenating the taps' windows
+            # first writes a (C, T, N, *O) copy of the input, which costs ORT more than
+            # the Gemm itself (a tenth of a ResNet step).
+            a = em.op("Reshape", [dyt, em.ints([m, -1])])
+            per_tap = [
+                em.op("Gemm", [a, em.op("Reshape", [col, em.ints([c, -1])])], transB=1)
+                for col in cols
+            ]  # (M, C) each
+            per_tap = [em.op("Reshape", [t, em.ints([m, c, 1])]) for t in per_tap]
+            dw = per_tap[0] if taps == 1 else em.op("Concat", per_tap, axis=2)  # (M, C, T)
+            return em.op("Reshape", [dw, em.ints(w_shape)], shape=w_shape)
         cols = [em.unsqueeze(col, [1]) for col in cols]
         xcol = cols[0] if taps == 1 else em.op("Concat", cols, axis=1)  # (C, T, N, *O)
-        a = em.op("Reshape", [dyt, em.ints([group, m // group, -1])])
-        b = em.op("Reshape", [xcol, em.ints([group, cg * taps, -1])])
-        dw = em.op("MatMul", [a, em.op("Transpose", [b], perm=[0, 2, 1])])  # (g, M/g, Cg*T)
+    else:
+        im2col = _im2col(em, x, geo)  # (N*C, T, *O)
+        if group == 1 and positions >= PER_IMAGE_MATMUL_MIN_POSITIONS:
+            b = em.op("Reshape", [im2col, em.ints([-1, c * taps, positions])])  # (N, C*T, O)
+            a = em.op("Reshape", [dy, em.ints([0, m, -1])])  # (N, M, O)
+            dw = em.op("MatMul", [a, em.op("Transpose", [b], perm=[0, 2, 1])])
+            dw = em.reduce("ReduceSum", dw, [0], keepdims=False)  # (M, C*T)
+            return em.op("Reshape", [dw, em.ints(w_shape)], shape=w_shape)
+        im2col = em.op("Reshape", [im2col, em.ints([-1, c, taps, positions])])
+        xcol = em.op("Transpose", [im2col], perm=[1, 2, 0, 3])  # (C, T, N, O)
+        dyt = em.op("Transpose", [dy], perm=channels_first)  # (M, N, *O)
+    a = em.op("Reshape", [dyt, em.ints([group, m // group, -1])])
+    b = em.op("Reshape", [xcol, em.ints([group, cg * taps, -1])])
+    dw = em.op("MatMul", [a, em.op("Transpose", [b], perm=[0, 2, 1])])  # (g, M/g, Cg*T)
     return em.op("Reshape", [dw, em.ints(w_shape)], shape=w_shape)
 
 
 def _per_image_dw(em: Emitter, x: str, dy: str, w_shape: tuple[int, ...], geo: _Geometry) -> str:
-    """dW of an ungrouped stride-1 conv with large feature maps, in the tensors' own (N, C,
-    *S) layout: per tap, a batched MatMul of dY (N, M, O) by the window's transpose (N, O,
-    C), summed over the batch. It skips the transposes of X and dY that the channels-first
-    Gemm needs; with 1,024 or more output positions per image the per-image products are
-    big enough for that to pay (ResNet's 32x32x32 3x3 conv, batch 32: 8.8 ms against
-    10.6 ms; at 16x16 they are even, at 8x8 the single Gemm wins)."""
+    """dW of an ungrouped stride-1 conv with large feature maps: per tap, a Slice of the
+    padded input and a batched MatMul of dY (N, M, O) by the window's transpose (N, O, C),
+    summed over the batch. From 1,024 output positions per image the one-hot Conv costs
+    more than the slices (ResNet's 32x32x32 3x3 conv, batch 32: 12.4 ms against 8.8 ms)."""
     m, c = w_shape[0], w_shape[1]
     a = em.op("Reshape", [dy, em.ints([0, m, -1])])  # (N, M, O)
     per_tap = []
@@ -202,6 +221,26 @@ def _per_image_dw(em: Emitter, x: str, dy: str, w_shape: tuple[int, ...], geo: _
         per_tap.append(em.op("Reshape", [summed, em.ints([m, c, 1])]))
     dw = per_tap[0] if len(per_tap) == 1 else em.op("Concat", per_tap, axis=2)  # (M, C, T)
     return em.op("Reshape", [dw, em.ints(w_shape)], shape=w_shape)
+
+
+def _im2col(em: Emitter, x: str, geo: _Geometry) -> str:
+    """Every kernel tap's window of X at once, as (N*C, T, *O): a Conv of X seen as N*C
+        one-channel images with a constant one-hot kernel per tap, under the conv's own pads,
+        strides and dilations. It computes 1*x plus zeros, so the windows are exact; as a
+        constant-weight Conv it runs on ORT's fast (NCHWc) kernels and writes all T windows in
+        one multi-threaded pass, where a Slice per tap copies on one thread and, at a stride,
+        element by element (ResNet's stride-2 3x3 conv 32 -> 64 channels, dW in all: 2.5 ms
+        against 6.4 ms with unit-step slices of the stride phases). _conv_dw uses it at strides
+    above 1 only."""
+    taps = list(itertools.product(*(range(k) for k in geo.kernel)))
+    onehot = np.zeros((len(taps), 1, *geo.kernel), dtype=em.np_dtype)
+    for t, tap in enumerate(taps):
+        onehot[(t, 0, *tap)] = 1.0
+    x1 = em.op("Reshape", [x, em.ints([-1, 1, *geo.spatial_in])])
+    return em.op(
+        "Conv", [x1, em.const(onehot)], pads=geo.pads, strides=list(geo.strides),
+        dilations=list(geo.dilations), kernel_shape=list(geo.kernel),
+    )  # fmt: skip
 
 
 def _depthwise_dw(em: Emitter, x: str, dy: str, w_shape: tuple[int, ...], geo: _Geometry) -> str:
@@ -235,69 +274,30 @@ def _depthwise_dw(em: Emitter, x: str, dy: str, w_shape: tuple[int, ...], geo: _
     return em.op("Reshape", [dw, em.ints(w_shape)], shape=w_shape)
 
 
-def _sliced_taps(em: Emitter, xt: str, geo: _Geometry) -> list[str]:
-    """The (C, N, *O) window of the (C, N, *S) input that each kernel tap multiplies (or
-    (N, C, *O) of (N, C, *S): only the spatial axes are sliced): a Slice of the padded input
-    per tap, with the conv's stride as its step."""
+def _sliced_taps(em: Emitter, x: str, geo: _Geometry) -> list[str]:
+    """The (N, C, *O) window of the (N, C, *S) input that each kernel tap multiplies, for a
+    conv at stride 1: a Slice of the padded input per tap. The centre tap of a "same" conv
+    is the unpadded input itself, and a tap whose window is the whole padded input takes
+    that; neither is copied."""
     r = len(geo.kernel)
-    unit = all(s == 1 for s in geo.strides)
-    source = xt
+    source = x
     if any(geo.pads):
-        xt = em.op("Pad", [xt, em.ints([0, 0, *geo.pads_begin, 0, 0, *geo.pads_end])])
+        x = em.op("Pad", [x, em.ints([0, 0, *geo.pads_begin, 0, 0, *geo.pads_end])])
     axes = em.ints(range(2, 2 + r))
-    steps = em.ints(geo.strides)
-    padded = [
+    padded = tuple(
         size + begin + end
         for size, begin, end in zip(geo.spatial_in, geo.pads_begin, geo.pads_end, strict=True)
-    ]
+    )
     cols = []
     for tap in itertools.product(*(range(k) for k in geo.kernel)):
         starts = [t * d for t, d in zip(tap, geo.dilations, strict=True)]
-        ends = [
-            b + (o - 1) * s + 1
-            for b, o, s in zip(starts, geo.spatial_out, geo.strides, strict=True)
-        ]
-        if unit and starts == list(geo.pads_begin) and geo.spatial_out == geo.spatial_in:
-            # the unpadded input itself (the centre tap of a "same" conv, or a 1x1 kernel
-            # without padding): no copy
+        if starts == list(geo.pads_begin) and geo.spatial_out == geo.spatial_in:
             cols.append(source)
-            continue
-        if unit and not any(starts) and geo.spatial_out == tuple(padded):
-            cols.append(xt)  # the whole padded input
-            continue
-        cols.append(em.op("Slice", [xt, em.ints(starts), em.ints(ends), axes, steps]))
-    return cols
-
-
-def _phase_taps(em: Emitter, x: str, c: int, geo: _Geometry) -> list[str]:
-    """The same windows for a 2-D conv with one stride s > 1 on both axes, from the (N, C,
-    H, W) input split into its s*s stride phases by SpaceToDepth: padded to a multiple of
-    s, turned into (N, s*s*C, H/s, W/s) and transposed to (s*s*C, N, H/s, W/s), after which
-    every tap is a unit-step Slice of one phase. ORT's Slice copies element by element when
-    its step is not 1; on ResNet's stride-2 3x3 convs the strided slices cost twice the
-    SpaceToDepth, transpose and unit-step slices together."""
-    s = geo.strides[0]
-    padded = [
-        size + begin + end
-        for size, begin, end in zip(geo.spatial_in, geo.pads_begin, geo.pads_end, strict=True)
-    ]
-    ends = [end - size % -s for size, end in zip(padded, geo.pads_end, strict=True)]
-    if any(geo.pads_begin) or any(ends):
-        x = em.op("Pad", [x, em.ints([0, 0, *geo.pads_begin, 0, 0, *ends])])
-    x = em.op("SpaceToDepth", [x], blocksize=s)  # channel (ph * s + pw) * C + c
-    x = em.op("Transpose", [x], perm=[1, 0, 2, 3])  # (s*s*C, N, H/s, W/s)
-    axes = em.ints([0, 2, 3])
-    cols = []
-    for tap in itertools.product(*(range(k) for k in geo.kernel)):
-        offsets = [t * d for t, d in zip(tap, geo.dilations, strict=True)]
-        phase = (offsets[0] % s) * s + offsets[1] % s
-        first = [o // s for o in offsets]
-        last = [f + o for f, o in zip(first, geo.spatial_out, strict=True)]
-        cols.append(
-            em.op(
-                "Slice", [x, em.ints([phase * c, *first]), em.ints([(phase + 1) * c, *last]), axes]
-            )
-        )
+        elif not any(starts) and geo.spatial_out == padded:
+            cols.append(x)
+        else:
+            ends = [b + o for b, o in zip(starts, geo.spatial_out, strict=True)]
+            cols.append(em.op("Slice", [x, em.ints(starts), em.ints(ends), axes]))
     return cols
 
 
