@@ -225,12 +225,12 @@ def _per_image_dw(em: Emitter, x: str, dy: str, w_shape: tuple[int, ...], geo: _
 
 def _im2col(em: Emitter, x: str, geo: _Geometry) -> str:
     """Every kernel tap's window of X at once, as (N*C, T, *O): a Conv of X seen as N*C
-        one-channel images with a constant one-hot kernel per tap, under the conv's own pads,
-        strides and dilations. It computes 1*x plus zeros, so the windows are exact; as a
-        constant-weight Conv it runs on ORT's fast (NCHWc) kernels and writes all T windows in
-        one multi-threaded pass, where a Slice per tap copies on one thread and, at a stride,
-        element by element (ResNet's stride-2 3x3 conv 32 -> 64 channels, dW in all: 2.5 ms
-        against 6.4 ms with unit-step slices of the stride phases). _conv_dw uses it at strides
+    one-channel images with a constant one-hot kernel per tap, under the conv's own pads,
+    strides and dilations. It computes 1*x plus zeros, so the windows are exact. As a
+    constant-weight Conv it runs on ORT's fast (NCHWc) kernels and writes all T windows in
+    one multi-threaded pass, where a Slice per tap copies on one thread and, at a stride,
+    element by element (ResNet's stride-2 3x3 conv, 32 -> 64 channels: dW in all 2.5 ms
+    against 6.4 ms with unit-step slices of the stride phases). _conv_dw uses it at strides
     above 1 only."""
     taps = list(itertools.product(*(range(k) for k in geo.kernel)))
     onehot = np.zeros((len(taps), 1, *geo.kernel), dtype=em.np_dtype)
@@ -275,10 +275,11 @@ def _depthwise_dw(em: Emitter, x: str, dy: str, w_shape: tuple[int, ...], geo: _
 
 
 def _sliced_taps(em: Emitter, x: str, geo: _Geometry) -> list[str]:
-    """The (N, C, *O) window of the (N, C, *S) input that each kernel tap multiplies, for a
-    conv at stride 1: a Slice of the padded input per tap. The centre tap of a "same" conv
-    is the unpadded input itself, and a tap whose window is the whole padded input takes
-    that; neither is copied."""
+    """The window of the input that each kernel tap multiplies, for a conv at stride 1: a
+    Slice of the padded input per tap, on the spatial axes only, so (N, C, *S) gives
+    (N, C, *O) and (C, N, *S) gives (C, N, *O). The centre tap of a "same" conv is the
+    unpadded input itself, and a tap whose window is the whole padded input takes that;
+    neither is copied."""
     r = len(geo.kernel)
     source = x
     if any(geo.pads):
