@@ -174,11 +174,20 @@ def _conv_dw(
     if all(s == 1 for s in geo.strides):
         if group == 1 and positions >= PER_IMAGE_DW_MIN_POSITIONS:
             return _per_image_dw(em, x, dy, w_shape, geo)
-        cols = _sliced_taps(em, em.op("Transpose", [x], perm=channels_first), geo)
-        dyt = em.op("Transpose", [dy], perm=channels_first)  # (M, N, *O)
+        # Batch innermost, (C, *S, N): a tap's window is then runs of W*N contiguous
+        # values rather than rows of W, which ORT's single-threaded Slice copies faster
+        # (32x16x16x64 3x3 conv: 6.1 ms against 6.8 ms for dW; at 8x8x128, 4.4 against 5.9).
+        # A 1x1 kernel slices nothing, and there the channels-first transpose (moving whole
+        # feature maps) is the cheaper one.
+        if taps > 1:
+            layout, first = [1, *range(2, 2 + r), 0], 1  # (C, *S, N)
+        else:
+            layout, first = channels_first, 2  # (C, N, *S)
+        cols = _sliced_taps(em, em.op("Transpose", [x], perm=layout), geo, first=first)
+        dyt = em.op("Transpose", [dy], perm=layout)  # (M, *O, N) or (M, N, *O)
         if group == 1:
             # One Gemm per tap, concatenated at the end: concatenating the taps' windows
-            # first writes a (C, T, N, *O) copy of the input, which costs ORT more than
+            # first writes a (C, T, *O, N) copy of the input, which costs ORT more than
             # the Gemm itself (a tenth of a ResNet step).
             a = em.op("Reshape", [dyt, em.ints([m, -1])])
             per_tap = [
@@ -189,7 +198,8 @@ def _conv_dw(
             dw = per_tap[0] if taps == 1 else em.op("Concat", per_tap, axis=2)  # (M, C, T)
             return em.op("Reshape", [dw, em.ints(w_shape)], shape=w_shape)
         cols = [em.unsqueeze(col, [1]) for col in cols]
-        xcol = cols[0] if taps == 1 else em.op("Concat", cols, axis=1)  # (C, T, N, *O)
+        xcol = cols[0] if taps == 1 else em.op("Concat", cols, axis=1)  # (C, T, *O, N)
+        # (or (C, 1, N, *O) for a 1x1 kernel)
     else:
         im2col = _im2col(em, x, geo)  # (N*C, T, *O)
         if group == 1 and positions >= PER_IMAGE_MATMUL_MIN_POSITIONS:
@@ -274,17 +284,19 @@ def _depthwise_dw(em: Emitter, x: str, dy: str, w_shape: tuple[int, ...], geo: _
     return em.op("Reshape", [dw, em.ints(w_shape)], shape=w_shape)
 
 
-def _sliced_taps(em: Emitter, x: str, geo: _Geometry) -> list[str]:
+def _sliced_taps(em: Emitter, x: str, geo: _Geometry, first: int = 2) -> list[str]:
     """The window of the input that each kernel tap multiplies, for a conv at stride 1: a
-    Slice of the padded input per tap, on the spatial axes only, so (N, C, *S) gives
-    (N, C, *O) and (C, N, *S) gives (C, N, *O). The centre tap of a "same" conv is the
-    unpadded input itself, and a tap whose window is the whole padded input takes that;
-    neither is copied."""
+    Slice of the padded input per tap, on the spatial axes only (`first` onwards), so
+    (N, C, *S) gives (N, C, *O) and (C, *S, N) with first=1 gives (C, *O, N). The centre
+    tap of a "same" conv is the unpadded input itself, and a tap whose window is the whole
+    padded input takes that; neither is copied."""
     r = len(geo.kernel)
     source = x
     if any(geo.pads):
-        x = em.op("Pad", [x, em.ints([0, 0, *geo.pads_begin, 0, 0, *geo.pads_end])])
-    axes = em.ints(range(2, 2 + r))
+        before, after = [0] * first, [0] * (2 - first)
+        pads = [*before, *geo.pads_begin, *after, *before, *geo.pads_end, *after]
+        x = em.op("Pad", [x, em.ints(pads)])
+    axes = em.ints(range(first, first + r))
     padded = tuple(
         size + begin + end
         for size, begin, end in zip(geo.spatial_in, geo.pads_begin, geo.pads_end, strict=True)
