@@ -204,6 +204,11 @@ def build_training_graph(
         opset=opset, elem_type=elem_type, shapes=shapes, types=types, consts=consts,
         prefix=_free_prefix("grad", names),
     )  # fmt: skip
+    em.producers = {out: node for node in forward for out in node.output if out}
+    for node in forward:
+        for name in node.input:
+            em.consumers[name] = em.consumers.get(name, 0) + 1
+    em.active = active
     grads: dict[str, list[str]] = {LOSS: [em.const(1.0)]}
     for node in reversed(forward):
         dys = [em.add_all(grads[o]) if grads.get(o) else None for o in node.output]

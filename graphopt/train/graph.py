@@ -45,6 +45,13 @@ class Emitter:
             its output's gradient per channel (Conv) can read the unscaled one and scale
             its own small results instead; the scaling Mul is then unused, and the builder
             drops unused nodes.
+        deferred_scale_grads: a frozen BatchNormalization's scale gradient that the Conv
+            before it computes, by the BN input's gradient (the key of `channel_scaled`):
+            (the name the BN rule returned for it, mean, inv_std, sum of dY over all but
+            the channel axis). See rules/norm.py.
+        producers: the forward node that writes each value.
+        consumers: how many forward nodes read each value.
+        active: the values that depend on a trainable (they get gradients).
     """
 
     def __init__(
@@ -70,6 +77,10 @@ class Emitter:
         self._const_cache: dict[tuple[Any, ...], str] = {}
         self.node: onnx.NodeProto | None = None  # the forward node a rule is working on
         self.channel_scaled: dict[str, tuple[str, str]] = {}
+        self.deferred_scale_grads: dict[str, tuple[str, str, str, str]] = {}
+        self.producers: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, int] = {}
+        self.active: set[str] = set()
 
     # ------------------------------------------------------------------ names and nodes
 

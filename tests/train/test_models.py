@@ -107,3 +107,48 @@ def test_dynamic_batch_runs_at_any_batch_size():
         loss, grads = ort_gradients(graph, feeds, graph.initial)
         assert np.isfinite(loss)
         assert all(grads[k].shape == graph.initial[k].shape for k in graph.trainables)
+
+
+def _offset_conv_bn(dtype: type, feeds: dict[str, np.ndarray]):
+    """conv (no bias) -> BN whose running mean is the conv output's batch mean -> Relu ->
+    pool -> Gemm. With inputs far from zero, BN's input sits far from zero against its
+    spread, where sum(dy * x) - mean * sum(dy) cancels most."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    from tests.train.nets import Net
+
+    n = Net(7, dtype)
+    w = n.rng.standard_normal((8, 3, 3, 3)) / np.sqrt(27)
+    xp = np.pad(feeds["x"], ((0, 0), (0, 0), (1, 1), (1, 1)))
+    conv = np.einsum("nchwij,mcij->nmhw", sliding_window_view(xp, (3, 3), axis=(2, 3)), w)
+    y = n.op("Conv", ["x", n.const(w, "w")], pads=[1, 1, 1, 1])
+    r = n.rng
+    params = [r.uniform(0.5, 1.5, 8), r.standard_normal(8) * 0.1,
+              conv.mean(axis=(0, 2, 3)), conv.var(axis=(0, 2, 3))]  # fmt: skip
+    y = n.op("BatchNormalization", [y, *(n.const(p, "bn") for p in params)])
+    y = n.op("Flatten", [n.op("GlobalAveragePool", [n.op("Relu", [y])])], axis=1)
+    n.op("Gemm", [y, n.weight([4, 8]), n.const(np.zeros(4), "fc_b")], transB=1)
+    n.nodes[-1].output[0] = "logits"
+    return n.model({"x": [2, 3, 12, 12]}, ["logits"])
+
+
+@pytest.mark.parametrize("offset", [0.0, 10.0])
+def test_batch_norm_scale_gradient_from_the_conv(offset):
+    # BN's scale gradient comes from the Conv's weight gradient (no pass over dY): right in
+    # float64, and as close in float32 when the inputs sit at 10x their spread (the BN
+    # input's mean is then up to 5x its spread per channel, against 0.1 without offset).
+    feeds = _feeds(4)
+    feeds["x"] = feeds["x"] + offset
+    graph = build_training_graph(_offset_conv_bn(np.float64, feeds), LOSSES)
+    bn = next(n for n in graph.proto.graph.node if n.op_type == "BatchNormalization")
+    assert not any(
+        n.op_type == "Sub" and bn.input[0] in n.input for n in graph.proto.graph.node
+    )  # the direct form, sum(dy * (x - mean)), is not built
+    reference = Reference(graph)
+    assert_fd_agrees(directional_fd(reference, feeds, graph.initial, directions=2), rtol=1e-5)
+    _, grads64 = reference.run(feeds, graph.initial)
+    graph32 = build_training_graph(_offset_conv_bn(np.float32, feeds), LOSSES)
+    feeds32 = {k: v.astype(np.float32) if v.dtype.kind == "f" else v for k, v in feeds.items()}
+    _, grads32 = ort_gradients(graph32, feeds32, graph32.initial)
+    for name in graph.trainables:
+        assert_close_scaled(grads32[name], grads64[name], rtol=1e-4)

@@ -105,6 +105,7 @@ def _conv(em: Emitter, node: onnx.NodeProto, dys: Grads, needed: list[bool]) -> 
     # every gradient below is linear in dY per output channel, so the factor scales the
     # weight and the small results instead of the whole of dY.
     factor = None
+    deferred = em.deferred_scale_grads.get(dy)
     if dy in em.channel_scaled:
         dy, factor = em.channel_scaled[dy]
     per_out = em.op("Reshape", [factor, em.ints([-1] + [1] * (r + 1))]) if factor else None
@@ -115,10 +116,31 @@ def _conv(em: Emitter, node: onnx.NodeProto, dys: Grads, needed: list[bool]) -> 
     if needed[1]:
         dw = _conv_dw(em, x, dy, w_shape, group, geo)
         out[1] = em.op("Mul", [dw, per_out], shape=w_shape) if per_out else dw
+        if deferred is not None:
+            _batch_norm_scale_grad(em, node, dw, deferred)
     if len(node.input) > 2 and needed[2]:
         db = em.reduce("ReduceSum", dy, [0, *range(2, 2 + r)], keepdims=False)
         out[2] = em.op("Mul", [db, factor]) if factor else db
     return out
+
+
+def _batch_norm_scale_grad(
+    em: Emitter, node: onnx.NodeProto, dw: str, deferred: tuple[str, str, str, str]
+) -> None:
+    """The scale gradient of the frozen BatchNormalization after this Conv (rules/norm.py):
+    inv_std * (sum(W * dW) + bias * sum(dY) - mean * sum(dY)), dW for the BN's dY."""
+    name, mean, inv_std, dy_sum = deferred
+    w_rank = len(em.static_shape(node.input[1], "weight"))
+    dot = em.reduce(
+        "ReduceSum", em.op("Mul", [node.input[1], dw]), list(range(1, w_rank)), keepdims=False
+    )
+    offset = mean
+    if len(node.input) > 2 and node.input[2]:
+        offset = em.op("Sub", [mean, node.input[2]])
+    centered = em.op("Sub", [dot, em.op("Mul", [offset, dy_sum])])
+    em.nodes.append(
+        helper.make_node("Mul", [centered, inv_std], [name], name=f"{name}({node.name or 'Conv'})")
+    )
 
 
 def _conv_dx(
