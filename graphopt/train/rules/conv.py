@@ -113,11 +113,12 @@ def _conv(em: Emitter, node: onnx.NodeProto, dys: Grads, needed: list[bool]) -> 
     if needed[0]:
         scaled_w = em.op("Mul", [w, per_out]) if per_out else w
         out[0] = _conv_dx(em, dy, scaled_w, w_shape, group, geo)
-    if needed[1]:
+    if needed[1] or deferred is not None:
         dw = _conv_dw(em, x, dy, w_shape, group, geo)
-        out[1] = em.op("Mul", [dw, per_out], shape=w_shape) if per_out else dw
+        if needed[1]:
+            out[1] = em.op("Mul", [dw, per_out], shape=w_shape) if per_out else dw
         if deferred is not None:
-            _batch_norm_scale_grad(em, node, dw, deferred)
+            _batch_norm_scale_grad(em, node, dw, len(w_shape), deferred)
     if len(node.input) > 2 and needed[2]:
         db = em.reduce("ReduceSum", dy, [0, *range(2, 2 + r)], keepdims=False)
         out[2] = em.op("Mul", [db, factor]) if factor else db
@@ -125,12 +126,12 @@ def _conv(em: Emitter, node: onnx.NodeProto, dys: Grads, needed: list[bool]) -> 
 
 
 def _batch_norm_scale_grad(
-    em: Emitter, node: onnx.NodeProto, dw: str, deferred: tuple[str, str, str, str]
+    em: Emitter, node: onnx.NodeProto, dw: str, w_rank: int, deferred: tuple[str, str, str, str]
 ) -> None:
     """The scale gradient of the frozen BatchNormalization after this Conv (rules/norm.py):
-    inv_std * (sum(W * dW) + bias * sum(dY) - mean * sum(dY)), dW for the BN's dY."""
+    inv_std * (sum(W * dW) + bias * sum(dY) - mean * sum(dY)), dW for the BN's dY, written
+    to the name the BN rule already returned."""
     name, mean, inv_std, dy_sum = deferred
-    w_rank = len(em.static_shape(node.input[1], "weight"))
     dot = em.reduce(
         "ReduceSum", em.op("Mul", [node.input[1], dw]), list(range(1, w_rank)), keepdims=False
     )
