@@ -79,8 +79,8 @@ CASES = [
          {"pads": [1, 0, 1, 2], "dilations": [2, 1], "strides": [2, 3]},
          lambda T, F, v: F.conv2d(pad2d(F, v["x"], (1, 0, 1, 2)), v["w"], stride=(2, 3),
                                   dilation=(2, 1))),
-    # stride phases (SpaceToDepth) with a dilation that lands taps in several phases, and
-    # an input that does not divide by the stride
+    # strided im2col (a one-hot Conv) with a dilation and an input that does not divide by
+    # the stride
     Case("conv-stride3-dilation", "Conv", {"x": own(1, 2, 3, 11, 10), "w": own(2, 4, 3, 3, 2)},
          {"pads": [2, 1, 0, 2], "dilations": [2, 2], "strides": [3, 3]},
          lambda T, F, v: F.conv2d(pad2d(F, v["x"], (2, 1, 0, 2)), v["w"], stride=3,
@@ -115,6 +115,13 @@ CASES = [
          lambda T, F, v: F.conv2d(v["x"], v["w"], stride=2, padding=1)),
     Case("conv-1x1-groups", "Conv", {"x": own(15, 2, 4, 3, 5), "w": own(16, 6, 2, 1, 1)},
          {"group": 2}, lambda T, F, v: F.conv2d(v["x"], v["w"], groups=2)),
+    # stride 1 with taps sliced batch-innermost: grouped, and 1-D
+    Case("conv-groups-s1", "Conv", {"x": own(17, 2, 4, 5, 6), "w": own(18, 6, 2, 3, 3)},
+         {"pads": [1, 1, 1, 1], "group": 2},
+         lambda T, F, v: F.conv2d(v["x"], v["w"], padding=1, groups=2)),
+    Case("conv-1d-s1", "Conv", {"x": own(19, 2, 3, 9), "w": own(20, 4, 3, 3)},
+         {"pads": [2, 0], "dilations": [2]},
+         lambda T, F, v: F.conv1d(F.pad(v["x"], (2, 0)), v["w"], dilation=2)),
     Case("conv-1d", "Conv", {"x": rand(2, 3, 9), "w": rand(4, 3, 3), "b": rand(4)},
          {"pads": [1, 1], "strides": [2]},
          lambda T, F, v: F.conv1d(v["x"], v["w"], v["b"], stride=2, padding=1)),
