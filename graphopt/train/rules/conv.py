@@ -262,9 +262,10 @@ def _im2col(em: Emitter, x: str, geo: _Geometry) -> str:
     strides and dilations. It computes 1*x plus zeros, so the windows are exact. As a
     constant-weight Conv it runs on ORT's fast (NCHWc) kernels and writes all T windows in
     one multi-threaded pass, where a Slice per tap copies on one thread and, at a stride,
-    element by element (ResNet's stride-2 3x3 conv, 32 -> 64 channels: dW in all 2.5 ms
-    against 6.4 ms with unit-step slices of the stride phases). _conv_dw uses it at strides
-    above 1 only."""
+    element by element (ResNet's stride-2 3x3 conv, 32 -> 64 channels: dW takes 2.5 ms
+    this way in a graph of its own; in the profile of the whole training step, unit-step
+    slices of the stride phases had taken 6.4 ms). _conv_dw uses it at strides above 1
+    only."""
     taps = list(itertools.product(*(range(k) for k in geo.kernel)))
     onehot = np.zeros((len(taps), 1, *geo.kernel), dtype=em.np_dtype)
     for t, tap in enumerate(taps):
