@@ -632,16 +632,13 @@ def _point_mass_errors(
     if not masses:
         return errors
     mu, mass = (np.array(column, dtype=np.float64) for column in zip(*sorted(masses), strict=True))
-
-    def suffix(values: np.ndarray) -> np.ndarray:
-        return np.concatenate((np.cumsum(values[::-1])[::-1], [0.0]))
-
-    s0, s1, s2 = suffix(mass), suffix(mass * mu), suffix(mass * mu * mu)
+    s0, s1, s2 = _suffix_sums(mass), _suffix_sums(mass * mu), _suffix_sums(mass * mu * mu)
     first = np.searchsorted(mu, k, side="right")  # the masses above k: mu[first:]
     errors += s2[first] - 2 * k * s1[first] + k * k * s0[first]
     holds = np.flatnonzero(k >= mu[0])
-    for start in range(0, holds.size, max(1, BLOCK_CELLS // mu.size)):
-        kk = k[holds[start : start + max(1, BLOCK_CELLS // mu.size)]]
+    block = max(1, BLOCK_CELLS // mu.size)
+    for start in range(0, holds.size, block):
+        kk = k[holds[start : start + block]]
         error = (mu[None, :] - rounded(mu, kk)) ** 2
         error[kk[:, None] < mu[None, :]] = 0.0  # clipped: counted above
         errors[holds[start : start + kk.size]] += error @ mass
@@ -651,12 +648,14 @@ def _point_mass_errors(
 def _clipping_errors(c: np.ndarray, j: np.ndarray, k: np.ndarray) -> np.ndarray:
     """Clipping error for each threshold k: bins j >= k give c_j * ((j - k)^2 + (j - k) + 1/3),
     from suffix sums of c, c*j and c*j^2 (the same for every number grid)."""
-
-    def suffix(values: np.ndarray) -> np.ndarray:
-        return np.concatenate((np.cumsum(values[::-1])[::-1], [0.0]))[1:]  # sum over j >= k
-
-    s0, s1, s2 = suffix(c), suffix(c * j), suffix(c * j * j)
+    # element i is for k = i + 1 (the callers pass k = j + 1): the sum over j >= i + 1
+    s0, s1, s2 = (_suffix_sums(v)[1:] for v in (c, c * j, c * j * j))
     return s2 - (2 * k - 1) * s1 + (k * k - k + 1.0 / 3.0) * s0
+
+
+def _suffix_sums(values: np.ndarray) -> np.ndarray:
+    """out[i] = sum of values[i:], with out[len(values)] = 0."""
+    return np.concatenate((np.cumsum(values[::-1])[::-1], [0.0]))
 
 
 def mse_errors(
